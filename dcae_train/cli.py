@@ -1,0 +1,119 @@
+"""`python -m dcae_train [key=value ...]`: compose the config, build the run, fit one phase.
+
+Hydra's compose API is used directly (not `@hydra.main`): no working-directory change, one run folder
+chosen by us (`<runs_dir>/<recipe>/phase<N>/<time>`), and processes that Lightning relaunches for DDP
+rebuild exactly the same run from the same argv.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+USAGE = """usage: python -m dcae_train [recipe=NAME] [phase=1|2|3] [key=value ...]
+
+  python -m dcae_train                              quickstart recipe, phase 1 (tiny model, demo data)
+  python -m dcae_train phase=2                      phase 2, starting from the latest finished phase-1 run
+  python -m dcae_train recipe=dc-ae-f32c32-sana-1.1 phase=1 trainer.devices=8 data.train='shards/{000000..000999}.tar'
+  python -m dcae_train resume=auto                  continue the most recent run of this recipe and phase
+  python -m dcae_train phase=3 init_from=mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers recipe=dc-ae-f32c32-sana-1.1
+  python -m dcae_train debug=smoke                  any recipe/phase in seconds on a CPU
+  python -m dcae_train --cfg [overrides]            print the composed config and exit
+  python -m dcae_train --recipes                    list the recipes
+"""
+
+EXIT_CONFIG = 2
+EXIT_NONFINITE = 3
+
+
+def package_root() -> Path:
+    return Path(__file__).resolve().parent
+
+
+def config_dir() -> Path:
+    """conf/ shipped inside the wheel (dcae_train/conf), else the repository's top-level conf/."""
+    inside = package_root() / "conf"
+    return inside if (inside / "train.yaml").is_file() else package_root().parent / "conf"
+
+
+def recipes_dir() -> Path:
+    inside = package_root() / "recipes"
+    return inside if inside.is_dir() and any(inside.glob("*.yaml")) else package_root().parent / "recipes"
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def translate_overrides(overrides: Sequence[str]) -> list[str]:
+    """`recipe=NAME` selects the config group `recipes` (the folder is recipes/)."""
+    out = []
+    for o in overrides:
+        if o.startswith("recipe="):
+            name = o.split("=", 1)[1]
+            if name not in recipe_names():
+                raise ValueError(f"recipe={name!r} is not a recipe; available: {', '.join(recipe_names())}")
+            o = f"recipes={name}"
+        out.append(o)
+    return out
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    import dcae_train.training.config  # noqa: F401  (registers train_schema)
+
+    search = f"hydra.searchpath=[file://{recipes_dir().parent}]"
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="dcae_train"):
+            return compose("train", overrides=[*translate_overrides(overrides), search])
+    except HydraException as err:
+        raise ValueError(f"bad configuration: {err}") from err
+    except Exception as err:  # omegaconf's ConfigKeyError / ValidationError for unknown keys and wrong types
+        if type(err).__module__.startswith("omegaconf"):
+            raise ValueError(f"bad configuration: {err}") from err
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    if "--recipes" in argv:
+        print("\n".join(recipe_names()))
+        return 0
+    show = "--cfg" in argv
+    argv = [a for a in argv if a != "--cfg"]
+    from dcae_train.training.module import NonFiniteLossError
+    from dcae_train.training.run import build_run
+
+    try:
+        cfg = compose_config(argv)
+        if show:
+            print(OmegaConf.to_yaml(cfg))
+            return 0
+        run = build_run(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        return fit(run)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_NONFINITE
+
+
+def fit(run) -> int:
+    if run.cfg.validate_at_start and run.ckpt_path is None:
+        run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
+    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path)
+    if run.trainer.is_global_zero:
+        print(f"run folder: {run.run_dir}")
+    return 0

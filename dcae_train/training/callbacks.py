@@ -1,0 +1,155 @@
+"""Files a person can open without an account: reconstruction grids (PNG), loss curves, the run marker.
+
+The metrics CSV itself is Lightning's CSVLogger, writing `<run_dir>/metrics.csv`.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from dcae_train.training.checkpoint import write_finished
+
+log = logging.getLogger(__name__)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float -> uint8, rounded as the evaluator does (wandb would render floats black)."""
+    return ((x.float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
+
+
+def reconstruction_grid(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """(B,3,H,W) pairs -> one uint8 (3, B*H, 3*W) image: input | reconstruction | error map (x4)."""
+    err = (x_hat.float() - x.float()).abs().mean(dim=1, keepdim=True).mul(4).clamp(0, 2) - 1  # [-1, 1]
+    rows = torch.cat([x.float(), x_hat.float().clamp(-1, 1), err.expand_as(x)], dim=3)  # (B, 3, H, 3W)
+    return to_uint8(torch.cat(list(rows), dim=1))  # (3, B*H, 3W)
+
+
+def save_png(img: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img.permute(1, 2, 0).cpu().numpy()).save(path)
+
+
+class ReconstructionGrids(L.Callback):
+    """Every `every` steps (and at the end): a fixed set of validation images, reconstructed by the raw and
+    EMA weights, saved as PNG under `<run_dir>/images/` and logged to wandb as uint8 images."""
+
+    def __init__(self, run_dir: Path, every: int, num_images: int = 4) -> None:
+        self.dir = Path(run_dir) / "images"
+        self.every = max(int(every), 1)
+        self.num_images = num_images
+        self._fixed: torch.Tensor | None = None
+
+    def _images(self, trainer: L.Trainer) -> torch.Tensor | None:
+        if self._fixed is None:
+            loader = trainer.datamodule.val_dataloader()
+            batch = next(iter(loader), None)
+            if batch is None:
+                return None
+            self._fixed = batch["image"][: self.num_images]
+        return self._fixed
+
+    @rank_zero_only
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> None:
+        x = self._images(trainer)
+        if x is None:
+            return
+        x = x.to(pl_module.device)
+        step = trainer.global_step
+        for name, model in (("raw", pl_module.model), ("ema", getattr(pl_module, "ema", None))):
+            if model is None:
+                continue
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                x_hat = model(x)
+            model.train(was_training)
+            if name == "raw":
+                pl_module.train(pl_module.training)  # re-apply frozen-norm eval after model.train()
+            grid = reconstruction_grid(x, x_hat)
+            save_png(grid, self.dir / f"{tag}_step{step:08d}_{name}.png")
+            for logger in trainer.loggers:
+                if hasattr(logger, "log_image"):
+                    logger.log_image(key=f"images/{name}", images=[grid.permute(1, 2, 0).cpu().numpy()], step=step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step > 0 and trainer.global_step % self.every == 0:
+            self.write(trainer, pl_module, "recon")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.write(trainer, pl_module, "final")
+
+
+class LossCurves(L.Callback):
+    """At the end of fit: `<run_dir>/loss_curves.png` from the metrics CSV."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+
+    @rank_zero_only
+    def on_train_end(self, trainer, pl_module) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+        metrics = self.run_dir / "metrics.csv"
+        if metrics.is_file():
+            plot_metrics(metrics, self.run_dir / "loss_curves.png")
+
+
+def plot_metrics(csv_path: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            step = row.get("step")
+            for key, value in row.items():
+                if not value or key == "step" or not key.startswith(("train/loss", "val/loss", "val_ema/loss")):
+                    continue
+                try:
+                    series.setdefault(key, []).append((float(step), float(value)))
+                except (TypeError, ValueError):
+                    continue
+    if not series:
+        return
+    keys = sorted(series)
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        xs, ys = zip(*sorted(series[key]), strict=True)
+        ax.plot(xs, ys, marker="." if len(xs) < 50 else None)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+class FinishedMarker(L.Callback):
+    """Writes FINISHED.json (the final checkpoint's path) once fit completes, so the next phase can find it."""
+
+    def __init__(self, run_dir: Path, info: dict[str, Any]) -> None:
+        self.run_dir = Path(run_dir)
+        self.info = info
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.interrupted:
+            return
+        final = self.run_dir / "checkpoints" / "final.ckpt"
+        trainer.save_checkpoint(final)  # collective under DDP: every rank calls it
+        if trainer.is_global_zero:
+            write_finished(self.run_dir, final, {**self.info, "step": trainer.global_step})

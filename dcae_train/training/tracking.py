@@ -1,0 +1,70 @@
+"""wandb: online when an API key is configured, offline otherwise, disabled on request (and in tests).
+
+The mode is decided before the Trainer is built and exported as WANDB_MODE, so DDP children inherit it and
+no process ever blocks on a login prompt. The run id is kept in `<run_dir>/wandb_id.txt`, so `resume=`
+continues the same wandb run. Offline runs are uploaded later with `wandb sync <run_dir>/wandb/offline-run-*`.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "online", "offline", "disabled")
+
+
+def has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_mode(mode: str) -> str:
+    env = os.environ.get("WANDB_MODE")
+    if env in ("disabled", "offline", "dryrun"):  # the environment wins: tests and CI set disabled
+        return "offline" if env == "dryrun" else env
+    if mode not in MODES:
+        raise ValueError(f"logger.wandb.mode={mode!r}: use one of {', '.join(MODES)}")
+    if mode == "auto":
+        return "online" if has_api_key() else "offline"
+    if mode == "online" and not has_api_key():
+        raise ValueError(
+            "logger.wandb.mode=online but no wandb API key is configured: run `wandb login` or set WANDB_API_KEY, "
+            "or use logger.wandb.mode=offline (sync later with `wandb sync`)"
+        )
+    return mode
+
+
+def build_wandb_logger(cfg: Any, run_dir: Path):
+    mode = resolve_mode(cfg.logger.wandb.mode)
+    os.environ["WANDB_MODE"] = mode
+    if mode == "disabled":
+        return None
+    from lightning.pytorch.loggers import WandbLogger
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("WANDB_DIR", str(run_dir))
+    id_file = run_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+    if not id_file.is_file():
+        id_file.write_text(run_id)
+    w = cfg.logger.wandb
+    return WandbLogger(
+        project=w.project,
+        entity=w.entity,
+        name=w.name or f"{cfg.recipe}-p{cfg.phase}-{run_dir.name}",
+        id=run_id,
+        save_dir=str(run_dir),
+        tags=list(w.tags) + [cfg.recipe, f"phase{cfg.phase}"],
+        resume="allow",
+        log_model=False,
+    )
