@@ -1,0 +1,1 @@
+"""Training: config schema, phases, the Lightning module, callbacks, checkpoints, run construction."""
