@@ -28,6 +28,7 @@ USAGE = """usage: python -m dcae_train [recipe=NAME] [phase=1|2|3] [key=value ..
 
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run again with resume=auto
 
 
 def package_root() -> Path:
@@ -116,4 +117,7 @@ def fit(run) -> int:
     run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path)
     if run.trainer.is_global_zero:
         print(f"run folder: {run.run_dir}")
+    if getattr(run.trainer, "dcae_preempted", False):
+        print(f"preempted at step {run.trainer.global_step}: continue with resume=auto", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0

@@ -59,6 +59,7 @@ class AutoencoderModule(L.LightningModule):
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self._t_last: float | None = None
+        self.inject_nan_loss = False  # set by the chaos-test FaultInjection callback only
 
     # Frozen parts stay frozen -------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -105,9 +106,7 @@ class AutoencoderModule(L.LightningModule):
         if disc is None:
             return [opt_g], [sched_g]
         opt_d = _adamw(disc, [p for p in disc.parameters() if p.requires_grad], self.phase.disc_optimizer)
-        sched_d = torch.optim.lr_scheduler.LambdaLR(
-            opt_d, _lr_lambda(self.phase.disc_optimizer, self.phase.max_steps)
-        )
+        sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, _lr_lambda(self.phase.disc_optimizer, self.phase.max_steps))
         return [opt_g, opt_d], [sched_g, sched_d]
 
     # Training ---------------------------------------------------------------------------------------
@@ -123,6 +122,8 @@ class AutoencoderModule(L.LightningModule):
         with self.toggled_optimizer(opt_g):
             z, x_hat = self.reconstruct(x)
             loss, logs = self.loss.generator_loss(x, x_hat, step=step, last_layer=self.last_layer)
+            if self.inject_nan_loss:
+                loss, self.inject_nan_loss = loss * float("nan"), False
             self.manual_backward(loss)
             grad_norm = _clip(opt_g, self.phase.optimizer.grad_clip)
             if not self._finite(loss, grad_norm, logs, step):
@@ -163,7 +164,10 @@ class AutoencoderModule(L.LightningModule):
         self.nonfinite_total += 1
         self.log("train/nonfinite_steps", float(self.nonfinite_total), on_step=True)
         terms = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items() if torch.is_tensor(v) and v.numel() == 1)
-        msg = f"non-finite loss or gradient at step {step} (loss={float(loss):.4g}, grad_norm={float(grad_norm):.4g}; {terms})"
+        msg = (
+            f"non-finite loss or gradient at step {step} "
+            f"(loss={float(loss):.4g}, grad_norm={float(grad_norm):.4g}; {terms})"
+        )
         if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"{msg}: {self.nonfinite_in_a_row} non-finite steps in a row (trainer.max_nonfinite_steps="

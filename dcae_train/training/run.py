@@ -253,6 +253,7 @@ def build_trainer(cfg: TrainConfig, phase: PhaseConfig, run_dir: Path, module: A
     from lightning.pytorch.strategies import DDPStrategy
 
     from dcae_train.training.callbacks import FinishedMarker, LossCurves, ReconstructionGrids
+    from dcae_train.training.faults import FAULTS_ENV, FaultInjection, Preemption
     from dcae_train.training.tracking import build_wandb_logger
 
     t = cfg.trainer
@@ -286,7 +287,11 @@ def build_trainer(cfg: TrainConfig, phase: PhaseConfig, run_dir: Path, module: A
         ReconstructionGrids(run_dir, phase.image_every),
         LossCurves(run_dir),
         FinishedMarker(run_dir, {"recipe": cfg.recipe, "phase": cfg.phase}),
+        # Under SLURM, Lightning's auto-requeue owns SIGUSR1 (it saves an hpc checkpoint and requeues the job).
+        Preemption(run_dir, handle_usr1="SLURM_JOB_ID" not in os.environ),
     ]
+    if os.environ.get(FAULTS_ENV):
+        callbacks.append(FaultInjection(os.environ[FAULTS_ENV]))
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
