@@ -144,7 +144,7 @@ def resolve_paths(cfg: TrainConfig) -> dict[str, Any]:
 
 def _new_run_dir(cfg: TrainConfig) -> Path:
     root = ckpt_lib.phase_root(cfg.runs_dir, cfg.recipe, cfg.phase)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if _launched_externally():
         # Started by torchrun / SLURM: every rank runs this, so the name must not depend on the clock.
         job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
         if not job or job == "none":
@@ -316,10 +316,15 @@ def build_trainer(cfg: TrainConfig, phase: PhaseConfig, run_dir: Path, module: A
     )
 
 
+def _launched_externally() -> bool:
+    """torchrun (WORLD_SIZE) or srun (SLURM_NTASKS) started every rank: no relaunch by Lightning."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
 def _multi_process(cfg: TrainConfig) -> bool:
     d = cfg.trainer.devices
     many_devices = (isinstance(d, int) and (d > 1 or d == -1)) or (isinstance(d, str) and d not in ("auto", "1"))
-    return many_devices or cfg.trainer.num_nodes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return many_devices or cfg.trainer.num_nodes > 1 or _launched_externally()
 
 
 def save_run_config(cfg: TrainConfig, run_dir: Path, meta: dict[str, Any]) -> None:
