@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -103,6 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = build_run(cfg)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Exception as err:  # e.g. refused or corrupt weights: say what, keep the traceback for bugs
+        traceback.print_exc()
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_CONFIG
     try:
         return fit(run)

@@ -77,6 +77,23 @@ def safe_load(path: _PATH, map_location: Any = "cpu") -> Any:
         ) from err
 
 
+def check_resumable(path: Path) -> None:
+    """Unpickle (weights only, tensors memory-mapped, so cheap) and check it is one of our training checkpoints."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise ValueError(
+            f"resume={path}: refused: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+            "(checkpoints are loaded with weights_only=True; this one is corrupt or holds arbitrary objects)"
+        ) from err
+    missing = [k for k in ("state_dict", "global_step", "dcae") if k not in ckpt]
+    if missing:
+        raise ValueError(
+            f"resume={path}: not a dcae-train training checkpoint (missing {missing}); "
+            "to start from weights only use init_from= instead"
+        )
+
+
 def is_loadable(path: Path) -> bool:
     """Cheap integrity check: a complete zip (torch's format) whose members pass their CRC."""
     try:

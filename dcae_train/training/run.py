@@ -131,6 +131,7 @@ def resolve_paths(cfg: TrainConfig) -> dict[str, Any]:
             raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint file")
         if not ckpt_lib.is_loadable(path):
             raise ValueError(f"resume={path}: the file is truncated or corrupt; pass an earlier checkpoint")
+        ckpt_lib.check_resumable(path)
         resume = str(path)
         run_dir = Path(cfg.run_dir) if cfg.run_dir else path.parent.parent
     else:

@@ -1,0 +1,183 @@
+"""Chaos tests: kills mid-write, SIGTERM, NaN losses, corrupt checkpoints, bad configs, malicious pickles."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcae_train import cli
+from dcae_train.training import checkpoint as ckpt_lib
+from dcae_train.training.faults import EXIT_PREEMPTED, parse_faults
+
+SMOKE = ["debug=smoke", "data=demo", "data.num_workers=0", "validate_at_start=false"]
+BASE = ("phases.p1.max_steps=6", "phases.p1.ckpt_every=2", "phases.p1.log_every=1", "data.epoch_batches=2")
+
+
+def run_sub(runs: Path, *overrides: str, faults: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("DCAE_TRAIN_RESOLVED", None)
+    if faults:
+        env["DCAE_TRAIN_FAULTS"] = faults
+    args = [sys.executable, "-m", "dcae_train", f"runs_dir={runs}", *SMOKE, *overrides]
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+
+
+def only_run(runs: Path, phase: int = 1) -> Path:
+    (run,) = ckpt_lib.runs_newest_first(runs, "quickstart", phase)
+    return run
+
+
+def ckpt_step(path: Path) -> int:
+    return int(torch.load(path, weights_only=True, map_location="cpu")["global_step"])
+
+
+# (a) SIGKILL during a checkpoint write ------------------------------------------------------------------
+@pytest.mark.slow
+def test_kill_during_checkpoint_write_then_resume_auto(tmp_path):
+    runs = tmp_path / "runs"
+    killed = run_sub(runs, *BASE, faults="killwrite@3")  # the write at step 4 dies half-way
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run = only_run(runs)
+    good = ckpt_lib.latest_good_checkpoint(run)
+    assert good is not None and ckpt_step(good) == 2, "the step-2 checkpoint survived the crash"
+    assert ckpt_step(run / "checkpoints" / "last.ckpt") == 2
+    resumed = run_sub(runs, *BASE, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert ckpt_step(run / "checkpoints" / "final.ckpt") == 6
+
+
+# (b) SIGTERM mid-run ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sigterm_saves_exits_75_and_resume_continues(tmp_path):
+    runs = tmp_path / "runs"
+    term = run_sub(runs, *BASE, faults="sigterm@3")
+    assert term.returncode == EXIT_PREEMPTED, term.stderr[-2000:]
+    run = only_run(runs)
+    assert ckpt_step(run / "checkpoints" / "last.ckpt") == 3, "saved at the step boundary after the signal"
+    assert not (run / "FINISHED.json").exists()
+    resumed = run_sub(runs, *BASE, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert ckpt_step(run / "checkpoints" / "final.ckpt") == 6
+
+
+# (c) NaN losses -----------------------------------------------------------------------------------------
+def test_nan_loss_is_skipped_and_counted(tmp_path, monkeypatch):
+    monkeypatch.setenv("DCAE_TRAIN_FAULTS", "nan@2")
+    code = cli.main([f"runs_dir={tmp_path / 'runs'}", *SMOKE, *BASE])
+    assert code == 0
+    run = only_run(tmp_path / "runs")
+    final = torch.load(run / "checkpoints" / "final.ckpt", weights_only=True, map_location="cpu")
+    assert final["dcae"]["nonfinite_total"] == 1
+    assert final["global_step"] == 6, "a skipped step is not an update: 6 good updates still happen"
+    assert all(torch.isfinite(v).all() for v in final["state_dict"].values() if v.is_floating_point())
+
+
+def test_nan_losses_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("DCAE_TRAIN_FAULTS", "nan@3,nan@4,nan@5")
+    code = cli.main([f"runs_dir={tmp_path / 'runs'}", *SMOKE, *BASE, "trainer.max_nonfinite_steps=3"])
+    assert code == cli.EXIT_NONFINITE
+    run = only_run(tmp_path / "runs")
+    good = ckpt_lib.latest_good_checkpoint(run)
+    assert good is not None and ckpt_step(good) == 2
+    sd = torch.load(good, weights_only=True, map_location="cpu")["state_dict"]
+    assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+    assert not (run / "FINISHED.json").exists()
+
+
+# (d) corrupt newest checkpoint ----------------------------------------------------------------------------
+def test_corrupt_newest_checkpoint_falls_back(tmp_path):
+    run = tmp_path / "runs" / "quickstart" / "phase1" / "20260101-000000-000000"
+    folder = run / "checkpoints"
+    ckpt_lib.atomic_torch_save({"global_step": 2, "state_dict": {"w": torch.ones(3)}}, folder / "step00000002.ckpt")
+    newest = folder / "step00000004.ckpt"
+    ckpt_lib.atomic_torch_save({"global_step": 4, "state_dict": {"w": torch.ones(3)}}, newest)
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # truncated
+    os.utime(newest, (newest.stat().st_mtime + 10,) * 2)
+    assert not ckpt_lib.is_loadable(newest)
+    assert ckpt_lib.find_resume_checkpoint(tmp_path / "runs", "quickstart", 1) == folder / "step00000002.ckpt"
+
+
+def test_atomic_save_leaves_previous_file_on_failure(tmp_path):
+    target = tmp_path / "last.ckpt"
+    ckpt_lib.atomic_torch_save({"v": torch.zeros(2)}, target)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        ckpt_lib.atomic_torch_save({"v": Boom()}, target)
+    assert torch.equal(torch.load(target, weights_only=True)["v"], torch.zeros(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"], "no temporary file is left behind"
+
+
+# Bad configs: table-driven -------------------------------------------------------------------------------
+BAD_CONFIGS = [
+    (["phases.p1.resolution=100"], "phases.p1.resolution"),
+    (["phase=2"], "phase=2"),  # no parent run and no init_from
+    (["phases.p1.trainable=[decoder.nothing_here.*]"], "trainable"),
+    (["phase=3", "init_from=tiny", "phases.p3.loss.gan=0"], "phases.p3.loss.gan"),
+    (["phases.p1.batch_size=0"], "phases.p1.batch_size"),
+    (["trainer.devices=0"], "trainer.devices"),
+    (["data=webdataset", "data.train=/nonexistent/shard-{000000..000009}.tar"], "data.train"),
+    (["model.variant=dc-ae-f999"], "model.variant"),
+    (["recipe=no-such-recipe"], "recipe"),
+    (["phases.p1.optimizer.lrr=1"], "lrr"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "names"), BAD_CONFIGS, ids=[b[1] for b in BAD_CONFIGS])
+def test_bad_config_fails_before_training_naming_the_key(tmp_path, capsys, overrides, names):
+    code = cli.main([f"runs_dir={tmp_path / 'runs'}", *SMOKE, *overrides])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_CONFIG, err
+    assert names in err, err
+    runs = tmp_path / "runs"
+    assert not any(runs.rglob("*.ckpt")), "no training happened"
+
+
+# Untrusted files --------------------------------------------------------------------------------------
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Exploit.marker}",))
+
+
+def _malicious_checkpoint(path: Path, marker: Path) -> None:
+    _Exploit.marker = marker
+    torch.save({"state_dict": {}, "payload": _Exploit()}, path)
+
+
+def test_malicious_checkpoint_is_refused_by_every_loader(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "runs" / "quickstart" / "phase1" / "20260101-000000-000000" / "checkpoints" / "last.ckpt"
+    evil.parent.mkdir(parents=True)
+    _malicious_checkpoint(evil, marker)
+    with pytest.raises(RuntimeError, match="weights_only"):
+        ckpt_lib.safe_load(evil)
+    with pytest.raises(RuntimeError):
+        ckpt_lib.AtomicCheckpointIO().load_checkpoint(evil)
+    from dcae_train.weights import load_model
+
+    with pytest.raises(Exception):  # noqa: B017  (any refusal; what matters is that no code ran)
+        load_model(str(evil))
+    code = cli.main([f"runs_dir={tmp_path / 'runs'}", *SMOKE, "phase=2", "model.variant=tiny", f"init_from={evil}"])
+    assert code != 0
+    code = cli.main([f"runs_dir={tmp_path / 'runs'}", *SMOKE, f"resume={evil}"])
+    assert code != 0
+    assert not marker.exists(), "unpickling ran code"
+    assert zipfile.is_zipfile(evil) and pickle  # the file really is a torch checkpoint
+
+
+def test_fault_spec_parsing():
+    assert parse_faults("nan@3,kill@6") == {3: ["nan"], 6: ["kill"]}
+    with pytest.raises(ValueError, match="DCAE_TRAIN_FAULTS"):
+        parse_faults("explode@1")
