@@ -1,0 +1,155 @@
+"""Reconstruction metrics of the official DC-AE protocol (architecture.md section 6), as plain functions.
+
+Every metric works on uint8-quantised images: both the reference and the reconstruction are rounded to
+uint8 first, exactly as the authors' evaluator does, so a model is never rewarded for sub-quantum detail.
+PSNR and SSIM are computed here; LPIPS and Inception features come from `extractors.py`; the Fréchet
+distance between two feature Gaussians is `frechet_distance`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+
+# PSNR of a perfect reconstruction is infinite; clamping the MSE keeps means finite (148 dB cap).
+_MIN_MSE = 1e-10
+
+
+# Quantisation -------------------------------------------------------------------------------------------
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float (B, 3, H, W) -> uint8: clamp(255 * (x + 1) / 2 + 0.5, 0, 255), truncated."""
+    return (255.0 * (x.float() + 1.0) / 2.0 + 0.5).clamp(0, 255).to(torch.uint8)
+
+
+def check_images(x: torch.Tensor, name: str) -> None:
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}: expected (B, 3, H, W) images")
+
+
+# PSNR ---------------------------------------------------------------------------------------------------
+def psnr_per_image(x_u8: torch.Tensor, x_hat_u8: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 pairs -> (B,) PSNR in dB, 10 * log10(255^2 / MSE) per image."""
+    diff = x_u8.to(torch.float64) - x_hat_u8.to(torch.float64)
+    mse = diff.pow(2).mean(dim=(1, 2, 3)).clamp_min(_MIN_MSE)  # (B,)
+    return (10.0 * torch.log10(255.0**2 / mse)).float()
+
+
+# SSIM ---------------------------------------------------------------------------------------------------
+def _gaussian_1d(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # torchmetrics' default: the Gaussian window spans 3.5 sigma each side (11 taps for sigma = 1.5).
+    size = int(3.5 * sigma + 0.5) * 2 + 1
+    t = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
+    g = torch.exp(-0.5 * (t / sigma) ** 2)
+    return g / g.sum()
+
+
+def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur, per channel, 'valid' (the caller pads). (N, C, H, W) -> (N, C, H-k+1, W-k+1)."""
+    c, k = x.shape[1], g.numel()
+    x = F.conv2d(x, g.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)
+    return F.conv2d(x, g.view(1, 1, 1, k).expand(c, 1, 1, k), groups=c)
+
+
+def ssim_per_image(x_u8: torch.Tensor, x_hat_u8: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
+    """(B, 3, H, W) uint8 pairs -> (B,) SSIM with data range 255, k1 = 0.01, k2 = 0.03.
+
+    Same definition as torchmetrics' `StructuralSimilarityIndexMeasure(data_range=(0, 255))` defaults (the
+    official protocol): reflect padding by half the window, so the SSIM map covers every pixel, then the
+    mean over the map.
+    """
+    x, y = x_u8.double(), x_hat_u8.double()  # float64: the variances are small differences of large sums
+    g = _gaussian_1d(sigma, x.dtype, x.device)
+    pad = (g.numel() - 1) // 2
+    if min(x.shape[-2:]) <= pad:
+        raise ValueError(f"images of size {tuple(x.shape[-2:])} are too small for SSIM (need > {pad} px per side)")
+    x, y = (F.pad(t, (pad, pad, pad, pad), mode="reflect") for t in (x, y))
+    b = x.shape[0]
+    mu_x, mu_y, e_xx, e_yy, e_xy = _blur(torch.cat([x, y, x * x, y * y, x * y]), g).split(b)
+    var_x = (e_xx - mu_x**2).clamp_min(0)
+    var_y = (e_yy - mu_y**2).clamp_min(0)
+    cov = e_xy - mu_x * mu_y
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.mean(dim=(1, 2, 3)).float()
+
+
+# Fréchet distance ---------------------------------------------------------------------------------------
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), with scipy's sqrtm as in pytorch-fid and the
+    official evaluator (a 1e-6 ridge when the product is singular)."""
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"feature statistics differ in size: {mu1.shape} vs {mu2.shape}; same extractor?")
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        ridge = np.eye(sigma1.shape[0]) * 1e-6
+        covmean = scipy.linalg.sqrtm((sigma1 + ridge) @ (sigma2 + ridge))
+    covmean = np.real(covmean)  # sqrtm of a product of PSD matrices: any imaginary part is round-off
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+@dataclass
+class FeatureStats:
+    """Running mean and covariance of feature vectors, in float64 sums so that ranks and batches merge exactly."""
+
+    dim: int
+    n: int = 0
+    total: np.ndarray = field(default=None)  # type: ignore[assignment]  # (d,) sum of features
+    outer: np.ndarray = field(default=None)  # type: ignore[assignment]  # (d, d) sum of f f^T
+
+    def __post_init__(self) -> None:
+        if self.total is None:
+            self.total = np.zeros(self.dim, dtype=np.float64)
+        if self.outer is None:
+            self.outer = np.zeros((self.dim, self.dim), dtype=np.float64)
+
+    def update(self, features: torch.Tensor) -> None:
+        f = features.detach().reshape(features.shape[0], -1).double()  # (B, d)
+        if f.shape[1] != self.dim:
+            raise ValueError(f"features have {f.shape[1]} dims, the statistics {self.dim}")
+        self.n += f.shape[0]
+        self.total += f.sum(0).cpu().numpy()
+        self.outer += (f.T @ f).cpu().numpy()
+
+    def merge(self, other: FeatureStats) -> None:
+        self.n += other.n
+        self.total += other.total
+        self.outer += other.outer
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise ValueError(f"FID needs at least 2 images, got {self.n}")
+        mu = self.total / self.n
+        cov = (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)  # unbiased, as numpy.cov
+        return mu, cov
+
+    def save(self, path: Path, meta: dict | None = None) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mu, cov = self.mean_cov()
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, mu=mu, sigma=cov, n=self.n, total=self.total, outer=self.outer, meta=str(meta or {}))
+        tmp.replace(path)  # atomic: a crashed run never leaves a half-written cache entry
+
+    @classmethod
+    def load(cls, path: Path) -> FeatureStats:
+        with np.load(path) as f:
+            total, outer = f["total"], f["outer"]
+            return cls(dim=total.shape[0], n=int(f["n"]), total=total, outer=outer)
+
+
+def fid_from_stats(real: FeatureStats, fake: FeatureStats) -> float:
+    mu_r, s_r = real.mean_cov()
+    mu_f, s_f = fake.mean_cov()
+    return frechet_distance(mu_r, s_r, mu_f, s_f)
+
+
+def finite_or_nan(v: float) -> float:
+    return v if math.isfinite(v) else float("nan")
