@@ -1,0 +1,117 @@
+"""`DCAE`: the deep-compression autoencoder (encoder + decoder), state_dict-identical to diffusers `AutoencoderDC`.
+
+No posterior, no KL: `encode` is deterministic and returns the *unscaled* latent. Diffusion models see
+`encode(x) * scaling_factor` (`encode_scaled`) and decoding inverts it with `decode(z / scaling_factor)`
+(`decode_scaled`); there is no shift.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dcae_train.models.checkpointing import Stage
+from dcae_train.models.config import DCAEConfig
+from dcae_train.models.decoder import Decoder
+from dcae_train.models.encoder import Encoder
+
+
+class DCAE(nn.Module):
+    """Images (B, in_channels, H, W) in [-1, 1] <-> latents (B, latent_channels, H/f, W/f), f = 2^(stages-1)."""
+
+    def __init__(self, config: DCAEConfig) -> None:
+        super().__init__()
+        if not isinstance(config, DCAEConfig):
+            raise ValueError(f"DCAE(config): expected a DCAEConfig, got {type(config).__name__}; see build_model()")
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.set_gradient_checkpointing(config.gradient_checkpointing)
+
+    # Properties ----------------------------------------------------------------------------------------
+    @property
+    def scaling_factor(self) -> float:
+        return self.config.scaling_factor
+
+    @property
+    def spatial_compression_ratio(self) -> int:
+        return self.config.spatial_compression_ratio
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.latent_channels
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> DCAE:
+        """Checkpoint every block (and the decoder head) in training: activations are recomputed in backward."""
+        for m in self.modules():
+            if isinstance(m, Stage | Decoder):
+                m.gradient_checkpointing = bool(enabled)
+        self.config = self.config.replace(gradient_checkpointing=bool(enabled))
+        return self
+
+    # API -----------------------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [-1, 1] -> unscaled latent (B, c_lat, H/f, W/f). H and W must be multiples of f."""
+        self._check_image(x)
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latent (B, c_lat, h, w) -> image (B, C, h*f, w*f), not clamped."""
+        self._check_latent(z)
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction decode(encode(x)), without scaling_factor (as diffusers)."""
+        return self.decode(self.encode(x))
+
+    def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:
+        """The latent a diffusion model sees: encode(x) * scaling_factor."""
+        return self.encode(x) * self.scaling_factor
+
+    def decode_scaled(self, z: torch.Tensor) -> torch.Tensor:
+        """Decode a diffusion-model latent: decode(z / scaling_factor)."""
+        return self.decode(z / self.scaling_factor)
+
+    def tiled_encode(self, x: torch.Tensor, tile: int | None = None, overlap: int | None = None) -> torch.Tensor:
+        """Encode any size in overlapping tiles (bounded memory); see `dcae_train.tiling.tiled_encode`."""
+        from dcae_train import tiling
+
+        return tiling.tiled_encode(self, x, tile=tile, overlap=overlap)
+
+    def tiled_decode(self, z: torch.Tensor, tile: int | None = None, overlap: int | None = None) -> torch.Tensor:
+        """Decode in overlapping latent tiles; see `dcae_train.tiling.tiled_decode`."""
+        from dcae_train import tiling
+
+        return tiling.tiled_decode(self, z, tile=tile, overlap=overlap)
+
+    # Input checks (before any compute) -----------------------------------------------------------------
+    def _check_image(self, x: torch.Tensor) -> None:
+        c = self.config.in_channels
+        if x.ndim != 4 or x.shape[1] != c:
+            raise ValueError(f"encode: expected images (B, {c}, H, W), got shape {tuple(x.shape)}")
+        f = self.spatial_compression_ratio
+        for name, size in (("height", x.shape[2]), ("width", x.shape[3])):
+            if size % f:
+                lo, hi = size // f * f, (size // f + 1) * f
+                nearest = f"{lo} or {hi}" if lo else f"{hi}"
+                raise ValueError(
+                    f"encode: image {name} {size} is not a multiple of the spatial compression ratio {f}; "
+                    f"nearest valid sizes: {nearest} (crop or pad, or use tiled_encode for any size)"
+                )
+
+    def _check_latent(self, z: torch.Tensor) -> None:
+        c = self.config.latent_channels
+        if z.ndim != 4 or z.shape[1] != c:
+            raise ValueError(f"decode: expected latents (B, {c}, h, w), got shape {tuple(z.shape)}")
+
+
+def build_model(name_or_config: str | DCAEConfig) -> DCAE:
+    """A randomly initialised `DCAE` from a variant name (see `VARIANTS`) or a `DCAEConfig`."""
+    if isinstance(name_or_config, str):
+        return DCAE(DCAEConfig.from_variant(name_or_config))
+    if isinstance(name_or_config, DCAEConfig):
+        return DCAE(name_or_config)
+    raise ValueError(
+        f"build_model: expected a variant name or a DCAEConfig, got {type(name_or_config).__name__}; "
+        f"for a diffusers config dict use build_model(DCAEConfig.from_diffusers_config(d))"
+    )
