@@ -1,0 +1,159 @@
+"""Writing WebDataset shards: image files -> `<prefix>-000000.tar, ...` + `manifest.json`.
+
+Samples are `<key>.<jpg|png|webp>` + `<key>.json` (source path and size). Keys are zero-padded indices
+(a dot in a key would split the sample in WebDataset's grouper). Encoded bytes are stored as they are unless
+the image must be downscaled or is in another format (then re-encoded: JPEG q95, or PNG when it has alpha).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import tarfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+@dataclass
+class ShardReport:
+    shards: list[dict] = field(default_factory=list)  # [{"name", "samples"}]
+    skipped: list[dict] = field(default_factory=list)  # [{"path", "reason"}]
+    pattern: str = ""  # brace pattern of the shards written
+
+    @property
+    def total(self) -> int:
+        return sum(s["samples"] for s in self.shards)
+
+
+def list_images(source: str | os.PathLike) -> list[Path]:
+    """A folder (searched recursively) or a text file with one image path per line (relative to the file)."""
+    src = Path(source)
+    if src.is_dir():
+        return sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if src.is_file():
+        lines = [ln.strip() for ln in src.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        return [p if p.is_absolute() else src.parent / p for p in map(Path, lines)]
+    raise ValueError(f"source {str(src)!r} is neither a folder of images nor a file list; check the path")
+
+
+def encode_image(data: bytes, max_side: int | None) -> tuple[bytes, str, tuple[int, int]]:
+    """Return (bytes, extension, (w, h)); re-encode only when downscaling or when the format is not stored as is."""
+    im = Image.open(io.BytesIO(data))
+    ext = STORED_FORMATS.get(im.format or "")
+    size = im.size
+    if ext is not None and (max_side is None or max(size) <= max_side):
+        im.verify()  # cheap integrity check of the container; the full decode happens at training time
+        return data, ext, size
+    im.load()
+    if max_side is not None and max(size) > max_side:
+        im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+    out = io.BytesIO()
+    if has_alpha:
+        im.save(out, format="PNG")
+        return out.getvalue(), "png", im.size
+    im.convert("RGB").save(out, format="JPEG", quality=95)
+    return out.getvalue(), "jpg", im.size
+
+
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(payload), 0, 0o644  # fixed metadata: same input -> same bytes
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def _write_shard(path: Path, samples: list[tuple[str, bytes, str, dict]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for key, data, ext, meta in samples:
+            _add(tar, f"{key}.{ext}", data)
+            _add(tar, f"{key}.json", json.dumps(meta).encode())
+    os.replace(tmp, path)  # a reader never sees a half-written shard
+
+
+def write_shards(
+    images: Sequence[str | os.PathLike] | Iterable[tuple[str, bytes]],
+    out_dir: str | os.PathLike,
+    *,
+    samples_per_shard: int = 1000,
+    prefix: str = "shard",
+    max_side: int | None = None,
+    shuffle_seed: int | None = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ShardReport:
+    """Write images (paths, or (name, encoded bytes) pairs) into shards of `samples_per_shard` + manifest.json.
+
+    Shuffles the order first (seeded; `shuffle_seed=None` keeps it) so that each shard is a random sample.
+    Unreadable images are skipped and listed in the manifest. Refuses to touch a folder that already holds
+    shards or a manifest unless `overwrite=True`.
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard={samples_per_shard} must be >= 1")
+    if "." in prefix or "/" in prefix:
+        raise ValueError(f"prefix={prefix!r} must not contain '.' or '/' (it names files inside out_dir)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = [out / "manifest.json"] if (out / "manifest.json").exists() else []
+    existing = sorted(out.glob(f"{prefix}-*.tar")) + manifest
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds {len(existing)} shard/manifest file(s) (e.g. {existing[0].name}); "
+            "pass overwrite=True (--overwrite) or choose another folder"
+        )
+    for p in existing:
+        p.unlink()
+    items = list(images)
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(items)
+    report = _write_all(items, out, samples_per_shard, prefix, max_side, progress)
+    (out / "manifest.json").write_text(
+        json.dumps(
+            {"pattern": report.pattern, "total": report.total, "shards": report.shards, "skipped": report.skipped},
+            indent=1,
+        )
+    )
+    return report
+
+
+def _read(item: str | os.PathLike | tuple[str, bytes]) -> tuple[str, bytes]:
+    if isinstance(item, tuple):
+        return item
+    return str(item), Path(item).read_bytes()
+
+
+def _write_all(items: list, out: Path, per_shard: int, prefix: str, max_side: int | None, progress: bool):
+    from tqdm import tqdm
+
+    report, pending, index = ShardReport(), [], 0
+    for item in tqdm(items, desc="shards", unit="img", disable=not progress):
+        try:
+            name, data = _read(item)
+            payload, ext, (w, h) = encode_image(data, max_side)
+        except Exception as e:  # unreadable file: record and go on (the manifest lists it)
+            report.skipped.append({"path": str(item[0] if isinstance(item, tuple) else item), "reason": repr(e)})
+            continue
+        pending.append((f"{index:09d}", payload, ext, {"source": name, "width": w, "height": h}))
+        index += 1
+        if len(pending) == per_shard:
+            _flush(report, out, prefix, pending)
+            pending = []
+    if pending:
+        _flush(report, out, prefix, pending)
+    n = len(report.shards)
+    report.pattern = str(out / f"{prefix}-{{000000..{n - 1:06d}}}.tar") if n else ""
+    return report
+
+
+def _flush(report: ShardReport, out: Path, prefix: str, samples: list) -> None:
+    name = f"{prefix}-{len(report.shards):06d}.tar"
+    _write_shard(out / name, samples)
+    report.shards.append({"name": name, "samples": len(samples)})

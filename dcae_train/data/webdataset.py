@@ -1,0 +1,334 @@
+"""Shard specs -> per-rank, per-worker sample streams -> batches of decoded crops.
+
+Training (`TrainStream`): each rank takes a disjoint slice of every source's shards (`shards[rank::world]`),
+each worker a disjoint slice of that; a worker walks its shards in a fresh random order on every pass, forever,
+so the stream never ends and `StreamLoader` cuts it to `epoch_batches` per rank: the same count on every rank
+whatever the shard sizes, so DDP never waits on a rank that ran dry. Seeds come from (seed, epoch, rank,
+worker): reproducible from the run seed, different on every rank and epoch.
+
+Validation (`ValStream`): the first `max_samples` samples of the shards in listed order, cut into global
+batches; batch b belongs to rank `b % world` and, inside that rank, to worker `(b // world) % workers`. The
+DataLoader visits workers round-robin, so the batches come out in the same order with any worker count, and
+the union over ranks is the same set at any world size.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import braceexpand
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import tarfile_samples
+
+from dcae_train.data.transforms import BadSample, TransformSpec, decode_and_crop, image_bytes
+
+log = logging.getLogger("dcae_train.data")
+
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://")
+
+
+# Shard specs -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    urls: tuple[str, ...]
+    weight: float = 1.0
+
+
+def expand_urls(spec: str | list[str]) -> list[str]:
+    """A string (brace pattern, `a::b`, a folder of .tar files, URL) or a list of them -> shard URLs."""
+    if isinstance(spec, list | tuple):
+        return [u for s in spec for u in expand_urls(s)]
+    urls: list[str] = []
+    for part in str(spec).split("::"):
+        part = os.path.expanduser(part.strip())
+        if os.path.isdir(part):
+            urls.extend(sorted(glob.glob(os.path.join(part, "*.tar"))))
+        else:
+            urls.extend(braceexpand.braceexpand(part))
+    return urls
+
+
+def sources_from_spec(spec: Any, where: str) -> list[Source]:
+    """A checked DataConfig spec -> sources (one, or one per mixture entry); local shards must exist."""
+    if isinstance(spec, list | tuple) and spec and isinstance(spec[0], dict):
+        sources = [Source(tuple(expand_urls(e["spec"])), float(e.get("weight", 1.0))) for e in spec]
+    else:
+        sources = [Source(tuple(expand_urls(spec)))]
+    for i, src in enumerate(sources):
+        if not src.urls:
+            raise ValueError(f"{where}: source {i} ({spec!r}) expands to no shards; check the path or pattern")
+        missing = [u for u in src.urls if not u.startswith(REMOTE_PREFIXES) and not os.path.exists(u)]
+        if missing:
+            raise ValueError(
+                f"{where}: {len(missing)} of {len(src.urls)} shards do not exist, e.g. {missing[:3]}; "
+                "fix the path/pattern (or make shards with scripts/make_shards.py)"
+            )
+    return sources
+
+
+def slice_shards(urls: tuple[str, ...], index: int, count: int) -> tuple[str, ...]:
+    """Every `count`-th shard starting at `index`; all of them when there are fewer shards than slices."""
+    return urls[index::count] if len(urls) >= count else urls
+
+
+# Skip counting ---------------------------------------------------------------------------------
+
+
+class SkipCounter:
+    """Counts skipped samples by reason in one worker; warns at most once per `warn_every_s` (never sleeps)."""
+
+    def __init__(self, where: str, warn_every_s: float) -> None:
+        self.where, self.warn_every_s = where, warn_every_s
+        self.by_reason: Counter[str] = Counter()
+        self._last_warn = -float("inf")
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+    def add(self, reason: str, detail: str = "") -> None:
+        self.by_reason[reason] += 1
+        now = time.monotonic()
+        if now - self._last_warn >= self.warn_every_s:
+            self._last_warn = now
+            log.warning(
+                "%s: skipped %d bad sample(s) so far %s; latest: %s",
+                self.where,
+                self.total,
+                dict(self.by_reason),
+                detail,
+            )
+
+    def tar_handler(self, exn: Exception) -> bool:
+        """WebDataset handler for shard opening/reading errors: count, keep going."""
+        self.add("shard_error", f"{type(exn).__name__}: {exn}")
+        return True
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _collate(items: list[tuple[torch.Tensor, str, str]], counter: SkipCounter, worker: int) -> dict[str, Any]:
+    return {
+        "image": torch.stack([x for x, _, _ in items]),  # (B, 3, R, R) in [-1, 1]
+        "key": [k for _, k, _ in items],
+        "url": [u for _, _, u in items],
+        "skipped": torch.tensor(counter.total, dtype=torch.long),  # this worker's count so far (cumulative)
+        "worker": torch.tensor(worker, dtype=torch.long),
+    }
+
+
+def _decode(sample: dict, spec: TransformSpec, rng: random.Random, counter: SkipCounter) -> torch.Tensor | None:
+    try:
+        return decode_and_crop(image_bytes(sample), spec, rng)
+    except BadSample as e:
+        counter.add(e.reason, f"{sample.get('__url__')}:{sample.get('__key__')}: {e}")
+        return None
+
+
+# Training stream -----------------------------------------------------------------------------------
+
+
+def _endless_samples(urls: tuple[str, ...], rng: random.Random, counter: SkipCounter) -> Iterator[dict]:
+    """Walk the shards in a new random order on every pass; fail loudly if a whole pass yields nothing."""
+    while True:
+        order = list(urls)
+        rng.shuffle(order)
+        n = 0
+        for sample in tarfile_samples(({"url": u} for u in order), handler=counter.tar_handler):
+            n += 1
+            yield sample
+        if n == 0:
+            raise RuntimeError(f"shards {list(urls)[:3]}... yielded no samples in a full pass; check them")
+
+
+def _mix(streams: list[Iterator[dict]], weights: list[float], rng: random.Random) -> Iterator[dict]:
+    if len(streams) == 1:
+        yield from streams[0]
+        return
+    while True:
+        yield next(rng.choices(streams, weights)[0])
+
+
+def _shuffled(samples: Iterable[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """Reservoir-style buffer shuffle: emit a random buffered sample for each one read."""
+    buf: list[dict] = []
+    for s in samples:
+        if len(buf) < size:
+            buf.append(s)
+            continue
+        i = rng.randrange(size)
+        buf[i], s = s, buf[i]
+        yield s
+    rng.shuffle(buf)
+    yield from buf
+
+
+class TrainStream(IterableDataset):
+    """Endless batches for one rank (see the module docstring). Set `.epoch` before iterating."""
+
+    def __init__(
+        self,
+        sources: list[Source],
+        spec: TransformSpec,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 1000,
+        warn_every_s: float = 60.0,
+    ) -> None:
+        self.sources, self.spec, self.batch_size = sources, spec, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.shuffle_buffer, self.warn_every_s = shuffle_buffer, warn_every_s
+        self.epoch = 0
+        for src in sources:
+            if len(src.urls) < world_size:
+                log.warning(
+                    "%d shard(s) for %d ranks: ranks share shards (make more shards for disjoint data)",
+                    len(src.urls),
+                    world_size,
+                )
+
+    def worker_shards(self, worker: int, num_workers: int) -> list[tuple[str, ...]]:
+        """The shards this (rank, worker) reads, per source."""
+        return [
+            slice_shards(slice_shards(s.urls, self.rank, self.world_size), worker, num_workers) for s in self.sources
+        ]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, num_workers = _worker()
+        rng = random.Random(f"dcae_train/train/{self.seed}/{self.epoch}/{self.rank}/{worker}")
+        counter = SkipCounter(f"train rank {self.rank} worker {worker}", self.warn_every_s)
+        streams = [_endless_samples(urls, rng, counter) for urls in self.worker_shards(worker, num_workers)]
+        samples = _shuffled(_mix(streams, [s.weight for s in self.sources], rng), self.shuffle_buffer, rng)
+        batch: list[tuple[torch.Tensor, str, str]] = []
+        for sample in samples:
+            x = _decode(sample, self.spec, rng, counter)
+            if x is None:
+                continue
+            batch.append((x, sample["__key__"], sample.get("__url__", "")))
+            if len(batch) == self.batch_size:
+                yield _collate(batch, counter, worker)
+                batch = []
+
+
+# Validation stream -----------------------------------------------------------------------------------
+
+
+class ValStream(IterableDataset):
+    """The same finite batches in the same order on every run, worker count and world size."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        spec: TransformSpec,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        max_samples: int | None = None,
+        warn_every_s: float = 60.0,
+    ) -> None:
+        self.urls, self.spec, self.batch_size = list(urls), spec, batch_size
+        self.rank, self.world_size, self.max_samples = rank, world_size, max_samples
+        self.warn_every_s = warn_every_s
+
+    def _owner(self, batch_index: int, num_workers: int) -> tuple[int, int]:
+        return batch_index % self.world_size, (batch_index // self.world_size) % num_workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, num_workers = _worker()
+        counter = SkipCounter(f"val rank {self.rank} worker {worker}", self.warn_every_s)
+        rng = random.Random(0)  # centre crop, no flip: nothing random is drawn; kept for the shared signature
+        batch: list[tuple[torch.Tensor, str, str]] = []
+        current = -1
+        samples = tarfile_samples(({"url": u} for u in self.urls), handler=counter.tar_handler)
+        for i, sample in enumerate(samples):
+            if self.max_samples is not None and i >= self.max_samples:
+                break
+            b = i // self.batch_size
+            if b != current and batch:  # our batch is complete: hand it over before reading on
+                yield _collate(batch, counter, worker)
+                batch = []
+            current = b
+            if self._owner(b, num_workers) != (self.rank, worker):
+                continue  # another rank's or worker's batch: the tar bytes are read, not decoded
+            x = _decode(sample, self.spec, rng, counter)
+            if x is not None:
+                batch.append((x, sample["__key__"], sample.get("__url__", "")))
+        if batch:
+            yield _collate(batch, counter, worker)
+
+
+# Loader ---------------------------------------------------------------------------------------------
+
+
+class StreamLoader:
+    """What Lightning iterates: a DataLoader over a stream (batches are made in the workers), cut to `length`
+    batches per epoch (training), with the per-worker skip counts that arrive in the batches summed up.
+
+    `epoch_fn` gives the epoch number used to seed the workers (the trainer's `current_epoch`, so a resumed run
+    does not replay epoch 0); without it the loader counts its own iterations.
+    """
+
+    def __init__(
+        self,
+        dataset: IterableDataset,
+        *,
+        num_workers: int,
+        length: int | None = None,
+        prefetch_factor: int = 2,
+        pin_memory: bool = False,
+        epoch_fn: Callable[[], int] | None = None,
+    ) -> None:
+        self.dataset, self.length, self.epoch_fn = dataset, length, epoch_fn
+        self.loader = DataLoader(
+            dataset,
+            batch_size=None,  # batched inside the workers
+            num_workers=num_workers,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            pin_memory=pin_memory,
+            persistent_workers=False,  # workers restart each epoch and pick up the new epoch's seed
+        )
+        self._iterations = 0
+        self._skipped_done = 0  # from finished iterations
+        self._skipped_now: dict[int, int] = {}  # worker -> latest cumulative count in the running iteration
+
+    def __len__(self) -> int:
+        if self.length is None:
+            raise TypeError("the validation stream has no precomputed length")  # Lightning then reads to the end
+        return self.length
+
+    @property
+    def skipped(self) -> int:
+        return self._skipped_done + sum(self._skipped_now.values())
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if hasattr(self.dataset, "epoch"):
+            self.dataset.epoch = self.epoch_fn() if self.epoch_fn is not None else self._iterations
+        self._iterations += 1
+        self._skipped_done, self._skipped_now = self.skipped, {}
+        it = iter(self.loader)
+        try:
+            for n, batch in enumerate(it):
+                if self.length is not None and n >= self.length:
+                    break
+                self._skipped_now[int(batch["worker"])] = int(batch["skipped"])
+                yield batch
+        finally:
+            del it  # shuts the workers down, also when the consumer stops early
