@@ -1,0 +1,254 @@
+"""`load_model(source)`: one entry point for every place DC-AE weights come from.
+
+`source` may be
+- a variant name (`"tiny"`, `"dc-ae-f32c32-sana-1.1"`, ...): that architecture with random weights;
+- a diffusers folder: `config.json` + `diffusion_pytorch_model[.variant].safetensors` or a sharded index;
+- an original efficientvit/DC-Gen `model.safetensors` (or its folder), with an optional sibling `config.json`
+  `{"model_name": ...}`; without it the variant is inferred from the tensor shapes;
+- one of our Lightning training checkpoints (`.ckpt`): the EMA weights when present and `ema=True`;
+- a Hugging Face repo id (`mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers`): fetched with `huggingface_hub`
+  (safetensors and JSON only); a cached copy is used offline.
+
+The model is built on the meta device and its tensors are assigned only after every key and shape has been
+checked, so a bad file fails before anything is loaded, and a 1 GB model costs no random initialisation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from dcae_train.models import DCAE, DCAEConfig
+from dcae_train.models.variants import VARIANTS, variant_config
+from dcae_train.weights.io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    WeightsError,
+    find_diffusers_weights,
+    read_diffusers_state_dict,
+    read_json,
+    read_safetensors,
+    read_training_checkpoint,
+)
+from dcae_train.weights.original import ConversionError, looks_original, original_to_diffusers
+
+log = logging.getLogger(__name__)
+ORIGINAL_NAME = "model.safetensors"
+META_CONFIG = "dcae_config"  # safetensors metadata / config.json key where we store our full config
+
+
+def load_model(source: str | Path, *, ema: bool = True, variant: str | None = None) -> DCAE:
+    """A `DCAE` with weights from `source` (see the module docstring), in fp32, in eval mode.
+
+    `variant` names the released variant of an original checkpoint when the file cannot tell (in vs mix have
+    identical tensors and differ only in `scaling_factor`). The result has `model.variant` (name or None).
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _load_folder(path, variant)
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return _load_safetensors_file(path, variant)
+        if path.suffix == ".bin":
+            raise WeightsError(f"{path}: pickle weight files are refused; use the safetensors version")
+        return _load_training_checkpoint(path, ema)
+    name = str(source)
+    if name in VARIANTS or f"dc-ae-{name}" in VARIANTS:
+        return _finish(DCAE(variant_config(name)), name)  # random init (build_model)
+    if _looks_like_repo_id(name):
+        return _load_folder(_hub_snapshot(name), variant)
+    raise WeightsError(
+        f"load_model({name!r}): not an existing file or folder, a variant name ({', '.join(VARIANTS)}) "
+        f"or a Hugging Face repo id like 'mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers'"
+    )
+
+
+# Sources -----------------------------------------------------------------------------------------------
+def _load_folder(folder: Path, variant: str | None) -> DCAE:
+    config_path = folder / CONFIG_NAME
+    config_json = read_json(config_path) if config_path.is_file() else {}
+    if (folder / ORIGINAL_NAME).is_file() and "_class_name" not in config_json:
+        return _load_safetensors_file(folder / ORIGINAL_NAME, variant)
+    if not config_json:
+        raise WeightsError(
+            f"{folder}: neither a diffusers folder ({CONFIG_NAME} + {WEIGHTS_NAME}.safetensors) nor an original "
+            f"DC-AE folder ({ORIGINAL_NAME}); nothing to load"
+        )
+    try:
+        config = DCAEConfig.from_diffusers_config(config_json)
+    except (ValueError, TypeError) as err:
+        raise WeightsError(f"{config_path}: not a supported AutoencoderDC config: {err}") from err
+    files = find_diffusers_weights(folder)
+    sd = read_diffusers_state_dict(files)
+    return _finish(_assemble(config, sd, where=str(files[0] if len(files) == 1 else folder)), _match_variant(config))
+
+
+def _load_safetensors_file(path: Path, variant: str | None) -> DCAE:
+    sd, meta = read_safetensors(path)
+    if not looks_original(sd):
+        # A lone diffusers weight file: its config must sit next to it.
+        if (path.parent / CONFIG_NAME).is_file() and path.name.startswith(WEIGHTS_NAME):
+            return _load_folder(path.parent, variant)
+        raise WeightsError(
+            f"{path}: holds diffusers-layout keys but has no {CONFIG_NAME} beside it; load the whole diffusers folder"
+        )
+    config, name = _original_config(path, sd, meta, variant)
+    try:
+        converted = original_to_diffusers(sd, config)
+    except ConversionError as err:
+        raise WeightsError(f"{path}: {err}") from err
+    return _finish(_assemble(config, converted, where=str(path)), name)
+
+
+def _load_training_checkpoint(path: Path, ema: bool) -> DCAE:
+    ckpt = read_training_checkpoint(path)
+    info = ckpt["dcae"]
+    try:
+        config = DCAEConfig.from_dict(info["config"])
+    except (KeyError, ValueError, TypeError) as err:
+        raise WeightsError(f"{path}: ckpt['dcae']['config'] is missing or invalid: {err}") from err
+    if info.get("scaling_factor") is not None:
+        config = config.replace(scaling_factor=float(info["scaling_factor"]))
+    state = ckpt["state_dict"]
+    prefix = "ema." if ema and any(k.startswith("ema.") for k in state) else "model."
+    if ema and prefix == "model.":
+        log.info("%s has no EMA weights; loading the raw weights", path)
+    sd = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not sd:
+        raise WeightsError(f"{path}: state_dict has no 'model.*' autoencoder weights")
+    return _finish(_assemble(config, sd, where=f"{path} ({prefix}*)"), info.get("variant"))
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        # safetensors + JSON only: pickled .bin files are never fetched. Falls back to the cache when offline.
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+    except RepositoryNotFoundError as err:
+        raise WeightsError(f"{repo_id}: no such Hugging Face repo (or it is gated/private; log in first)") from err
+    except LocalEntryNotFoundError as err:
+        raise WeightsError(
+            f"{repo_id}: the Hugging Face Hub cannot be reached (no network or HF_HUB_OFFLINE=1) and there is no "
+            f"cached copy. Download it once with network access (`huggingface-cli download {repo_id}`) or pass "
+            f"a local folder."
+        ) from err
+
+
+# Checks, then assignment ---------------------------------------------------------------------------------
+def _assemble(config: DCAEConfig, sd: Mapping[str, torch.Tensor], *, where: str) -> DCAE:
+    """Build `DCAE(config)` without initialising it, check keys and shapes, then assign the tensors (fp32)."""
+    with torch.device("meta"):
+        model = DCAE(config)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [
+        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
+    problems = [
+        (missing, "missing"),
+        (unexpected, "unexpected"),
+        (wrong, "with the wrong shape"),
+    ]
+    for keys, what in problems:
+        if keys:
+            raise WeightsError(
+                f"{where}: {len(keys)} key(s) {what} for this architecture, e.g. {keys[:3]}. The weights do not "
+                f"match the config: check the variant / config.json, or the file is incomplete."
+            )
+    cast = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+    model.load_state_dict(cast, strict=True, assign=True)
+    return model
+
+
+def _finish(model: DCAE, variant: str | None) -> DCAE:
+    model.variant = variant  # type: ignore[attr-defined]  # read by the exporters (config.json model_name)
+    return model.float().eval()
+
+
+# Variant inference for original checkpoints ---------------------------------------------------------------
+def _original_config(path: Path, sd: dict[str, torch.Tensor], meta: dict[str, str], variant: str | None):
+    """(config, variant name) of an original checkpoint: argument, our metadata, sibling config.json, shapes."""
+    if variant:
+        return variant_config(variant), variant
+    if META_CONFIG in meta:
+        d = json.loads(meta[META_CONFIG])
+        return DCAEConfig.from_dict(d["config"]), d.get("variant")
+    sibling = path.parent / CONFIG_NAME
+    if sibling.is_file():
+        data = read_json(sibling)
+        if META_CONFIG in data:
+            return DCAEConfig.from_dict(data[META_CONFIG]), data.get("model_name")
+        name = data.get("model_name")
+        if name is not None:
+            if name not in VARIANTS and f"dc-ae-{name}" not in VARIANTS:
+                raise WeightsError(f"{sibling}: model_name={name!r} is not a known variant; use one of {VARIANTS}")
+            return variant_config(name), name
+    return _infer_original_config(path, sd)
+
+
+def _infer_original_config(path: Path, sd: Mapping[str, torch.Tensor]) -> tuple[DCAEConfig, str | None]:
+    """Every registered variant (also at reduced width) whose keys and shapes match; in vs mix stays ambiguous."""
+    matches: list[tuple[str, DCAEConfig]] = []
+    for name in VARIANTS:
+        config = _rescaled_to(variant_config(name), sd)
+        if config is not None and _shapes_match(config, sd):
+            matches.append((name, config))
+    if not matches:
+        raise WeightsError(
+            f"{path}: the tensors match no known DC-AE architecture ({', '.join(VARIANTS)}); put a config.json "
+            f'{{"model_name": ...}} beside it or export it with dcae_train (which records the config)'
+        )
+    factors = {c.scaling_factor for _, c in matches}
+    if len(factors) > 1:
+        names = [n for n, _ in matches]
+        raise WeightsError(
+            f"{path}: the architecture fits {names}, which differ only in scaling_factor; say which with a sibling "
+            f'config.json {{"model_name": "{names[0]}"}} or load_model(..., variant="{names[0]}")'
+        )
+    name, config = matches[-1]  # sana-1.0 and 1.1 are identical in architecture and factor: report the newer
+    full_width = config.encoder_block_out_channels == variant_config(name).encoder_block_out_channels
+    return config, name if full_width else None
+
+
+def _rescaled_to(config: DCAEConfig, sd: Mapping[str, torch.Tensor]) -> DCAEConfig | None:
+    """`config` at the width of the file (e.g. a quarter-width test model), judged by the latent conv."""
+    w = next((v for k, v in sd.items() if k.startswith("encoder.project_out.") and k.endswith("weight")), None)
+    if w is None or w.ndim != 4:
+        return None
+    ratio = w.shape[1] / config.encoder_block_out_channels[-1]
+    if ratio == 1:
+        return config
+    try:
+        return config.scaled(ratio)
+    except ValueError:
+        return None
+
+
+def _shapes_match(config: DCAEConfig, sd: Mapping[str, torch.Tensor]) -> bool:
+    try:
+        converted = original_to_diffusers(sd, config)
+    except ConversionError:
+        return False
+    with torch.device("meta"):
+        expected = DCAE(config).state_dict()
+    return set(converted) == set(expected) and all(converted[k].shape == v.shape for k, v in expected.items())
+
+
+def _match_variant(config: DCAEConfig) -> str | None:
+    """The registered name of an architecture + factor (the last of equal ones, e.g. sana-1.1 over 1.0)."""
+    names = [n for n in VARIANTS if variant_config(n) == config]
+    return names[-1] if names else None
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
