@@ -8,7 +8,7 @@ distance between two feature Gaussians is `frechet_distance`.
 
 from __future__ import annotations
 
-import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,10 +88,14 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"feature statistics differ in size: {mu1.shape} vs {mu2.shape}; same extractor?")
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        ridge = np.eye(sigma1.shape[0]) * 1e-6
-        covmean = scipy.linalg.sqrtm((sigma1 + ridge) @ (sigma2 + ridge))
+    with warnings.catch_warnings():
+        # Fewer images than feature dims give singular covariances; scipy warns, the result is still usable,
+        # and a non-finite one gets the ridge below (as pytorch-fid).
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            ridge = np.eye(sigma1.shape[0]) * 1e-6
+            covmean = scipy.linalg.sqrtm((sigma1 + ridge) @ (sigma2 + ridge))
     covmean = np.real(covmean)  # sqrtm of a product of PSD matrices: any imaginary part is round-off
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
@@ -149,7 +153,3 @@ def fid_from_stats(real: FeatureStats, fake: FeatureStats) -> float:
     mu_r, s_r = real.mean_cov()
     mu_f, s_f = fake.mean_cov()
     return frechet_distance(mu_r, s_r, mu_f, s_f)
-
-
-def finite_or_nan(v: float) -> float:
-    return v if math.isfinite(v) else float("nan")

@@ -1,0 +1,211 @@
+"""`python -m dcae_train.evaluate`: reconstruction metrics with the official DC-AE protocol.
+
+    python -m dcae_train.evaluate --model runs/x/checkpoints/final.ckpt --data /data/imagenet/val \
+        --resolution 512 --batch-size 32 --out eval/
+    torchrun --nproc-per-node 8 -m dcae_train.evaluate --model mit-han-lab/dc-ae-f64c128-in-1.0-diffusers ...
+
+Writes `<out>/eval.json` (all numbers), `<out>/eval.md` (a table beside the published rows) and
+`<out>/worst.png` (the lowest-PSNR reconstructions). Offline: LPIPS (AlexNet) and Inception weights are read
+from `$TORCH_HOME/hub/checkpoints/` or the paths given; every missing file is reported before the model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dcae_train.evaluation.data import EvalData, eval_loader, resolve_data
+from dcae_train.evaluation.evaluator import ReconstructionEvaluator, evaluate_model
+from dcae_train.evaluation.extractors import LPIPSMetric, build_feature_extractor, extractor_id
+from dcae_train.evaluation.reference import load_reference, reference_path
+from dcae_train.evaluation.reports import markdown_table, save_worst_grid, write_json
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# Arguments ----------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dcae_train.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="our .ckpt, diffusers dir, original .safetensors, HF id or variant")
+    p.add_argument("--raw", action="store_true", help="our checkpoints: evaluate the raw weights, not the EMA copy")
+    p.add_argument("--random-init", action="store_true", help="--model is a variant name: random weights (benchmarks)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-init weights")
+    p.add_argument("--data", required=True, help="image folder, folder of .tar shards, or a shard pattern")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-images", type=int, default=None, help="evaluate the first N images (default: all)")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model precision (protocol: fp32)")
+    p.add_argument("--lpips", choices=["alex", "vgg", "random", "off"], default="alex", help="random: tests only")
+    p.add_argument("--lpips-weights", default=None, help="torchvision trunk file (default: $TORCH_HOME)")
+    p.add_argument("--fid", choices=["inception", "tiny", "off"], default="inception", help="tiny: tests only")
+    p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth path")
+    p.add_argument("--no-verify-weights", action="store_true", help="skip the SHA-256 check of metric weights")
+    p.add_argument("--stats-cache", type=Path, default=None, help="reference-statistics folder ($DCAE_CACHE_DIR)")
+    p.add_argument("--worst", type=int, default=8, help="images in worst.png")
+    p.add_argument("--out", type=Path, default=Path("eval"))
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    _check_args(args)
+    return args
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.resolution <= 0 or args.batch_size <= 0:
+        raise ValueError(f"--resolution={args.resolution} and --batch-size={args.batch_size} must be positive")
+    if args.num_images is not None and args.num_images < 2 and args.fid != "off":
+        raise ValueError(f"--num-images={args.num_images}: FID needs at least 2 images (or pass --fid off)")
+
+
+# Distributed --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def setup_ranks(device_arg: str) -> Ranks:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; otherwise a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_arg)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return Ranks(torch.distributed.get_rank(), world, device)
+    return Ranks(0, 1, device)
+
+
+# Model --------------------------------------------------------------------------------------------------
+def load_eval_model(source: str, ema: bool, random_init: bool, seed: int = 0) -> nn.Module:
+    if random_init:
+        from dcae_train.models import VARIANTS, build_model
+
+        if source not in VARIANTS:
+            raise ValueError(f"--random-init needs a variant name for --model, got {source!r}; one of {VARIANTS}")
+        torch.manual_seed(seed)  # same random weights on every rank and every run
+        return build_model(source)
+    from dcae_train.weights import load_model
+
+    return load_model(source, ema=ema)
+
+
+# Main ---------------------------------------------------------------------------------------------------
+def build_metrics(args: argparse.Namespace) -> tuple[nn.Module | None, nn.Module | None]:
+    """The metric networks first: a missing weight file must fail before the model or data are touched."""
+    verify = not args.no_verify_weights
+    lpips = None
+    if args.lpips != "off":
+        net = "alex" if args.lpips == "random" else args.lpips
+        lpips = LPIPSMetric(net, args.lpips_weights, random_trunk=args.lpips == "random", verify=verify)
+    features = None
+    if args.fid != "off":
+        features = build_feature_extractor(args.fid, args.inception_weights, verify=verify)
+    return lpips, features
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    ranks = setup_ranks(args.device)
+    data = resolve_data(args.data)
+    lpips, features = build_metrics(args)
+    model = load_eval_model(args.model, not args.raw, args.random_init, args.seed).to(ranks.device)
+    _check_resolution(model, args.resolution)
+
+    ref_path, reference = None, None
+    if features is not None:
+        ref_path = reference_path(data, args.resolution, extractor_id(features), args.num_images, args.stats_cache)
+        reference = load_reference(ref_path)
+    lpips = lpips.to(ranks.device) if lpips is not None else None
+    features = features.to(ranks.device) if features is not None else None
+    evaluator = ReconstructionEvaluator(lpips, features, reference, worst_k=args.worst)
+
+    loader = eval_loader(data, args.resolution, args.batch_size, args.num_workers, args.num_images, **_rank_kw(ranks))
+    quota = -(-args.num_images // ranks.world_size) if args.num_images else None
+    timing = evaluate_model(
+        model, loader, evaluator, ranks.device, DTYPES[args.dtype], quota, _progress(args, ranks, data, quota)
+    )
+    metrics = evaluator.compute()
+    if ranks.rank == 0 and features is not None and reference is None and evaluator.real is not None:
+        evaluator.real.save(ref_path, {"data": args.data, "resolution": args.resolution})
+    result = _result(args, ranks, model, metrics, timing, features, ref_path, reference is not None)
+    if ranks.rank == 0:
+        write_reports(result, evaluator.worst(), args.out)
+    return result
+
+
+def _rank_kw(ranks: Ranks) -> dict[str, int]:
+    return {"rank": ranks.rank, "world_size": ranks.world_size}
+
+
+def _check_resolution(model: nn.Module, resolution: int) -> None:
+    f = int(getattr(model, "spatial_compression_ratio", 1))
+    if resolution % f:
+        raise ValueError(f"--resolution={resolution} must be a multiple of the model's spatial compression {f}")
+
+
+def _progress(args: argparse.Namespace, ranks: Ranks, data: EvalData, quota: int | None):
+    if args.no_progress or ranks.rank != 0:
+        return None
+    from tqdm.auto import tqdm
+
+    total = quota if quota is not None else (len(data.files) // ranks.world_size if data.kind == "folder" else None)
+    return tqdm(total=total, unit="img", desc="evaluate", file=sys.stderr)
+
+
+def _result(args, ranks, model, metrics, timing, features, ref_path, cached) -> dict[str, Any]:
+    latent = metrics.pop("latent", None)
+    device = str(ranks.device) if ranks.device.type == "cpu" else torch.cuda.get_device_name(ranks.device)
+    return {
+        "model": args.model,
+        "weights": "random" if args.random_init else ("raw" if args.raw else "ema (when present)"),
+        "data": args.data,
+        "resolution": args.resolution,
+        "metrics": metrics,
+        "latent": latent,
+        "model_scaling_factor": float(getattr(model, "scaling_factor", float("nan"))),
+        "fid_features": extractor_id(features) if features is not None else None,
+        "reference_stats": {"path": str(ref_path), "cached": cached} if ref_path else None,
+        "throughput": {
+            "images_per_s": timing["images_per_s"] * ranks.world_size,
+            "seconds": timing["seconds"],
+            "batch_size": args.batch_size,
+            "world_size": ranks.world_size,
+            "dtype": args.dtype,
+        },
+        "device": f"{ranks.world_size} x {device}" if ranks.world_size > 1 else device,
+        "protocol": "ADM centre crop; uint8 quantisation; PSNR per image; SSIM range 255; LPIPS "
+        f"{args.lpips}; FID {args.fid} pool features",
+    }
+
+
+def write_reports(result: dict[str, Any], worst: list[dict], out: Path) -> None:
+    result["worst"] = [{"key": w["key"], "psnr": w["psnr"]} for w in worst]
+    write_json(result, out / "eval.json")
+    (out / "eval.md").write_text(markdown_table(result))
+    save_worst_grid(worst, out / "worst.png")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    result = run(args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(markdown_table(result, with_published=False))
+        print(f"wrote {args.out / 'eval.json'}, {args.out / 'eval.md'}, {args.out / 'worst.png'}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Reconstruction evaluation: accumulate PSNR / SSIM / LPIPS / FID features / latent statistics over batches.
+
+`ReconstructionEvaluator` is the library piece shared by the `evaluate` CLI and the training callback:
+feed it (x, x_hat, z) batches in [-1, 1]; `compute()` returns plain floats. Everything is quantised to uint8
+before any metric (official protocol). Under torch.distributed, `compute()` merges all ranks first.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from dcae_train.evaluation.latents import LatentAccumulator
+from dcae_train.evaluation.metrics import FeatureStats, check_images, fid_from_stats, psnr_per_image, ssim_per_image
+from dcae_train.evaluation.metrics import to_uint8 as quantise
+
+
+def _dist() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@dataclass(order=True)
+class _Worst:
+    neg_psnr: float  # heap on -PSNR keeps the k lowest PSNRs
+    key: str
+    x: torch.Tensor = field(compare=False)  # (3, H, W) uint8, CPU
+    x_hat: torch.Tensor = field(compare=False)
+
+
+class ReconstructionEvaluator:
+    """Metric state for one model on one dataset.
+
+    lpips: an `LPIPSMetric` (or None to skip). features: an FID feature extractor (uint8 in, (B, d) out) or None.
+    reference: cached real-image feature statistics; when None they are accumulated from the batches.
+    """
+
+    def __init__(
+        self,
+        lpips: nn.Module | None = None,
+        features: nn.Module | None = None,
+        reference: FeatureStats | None = None,
+        worst_k: int = 8,
+    ) -> None:
+        self.lpips, self.features, self.worst_k = lpips, features, worst_k
+        self.reference = reference
+        self.real: FeatureStats | None = None
+        self.fake: FeatureStats | None = None
+        self.latents: LatentAccumulator | None = None
+        self.psnr: list[float] = []
+        self.ssim: list[float] = []
+        self.lpips_values: list[float] = []
+        self._worst: list[_Worst] = []
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor | None = None, keys=None) -> None:
+        check_images(x, "x")
+        if x_hat.shape != x.shape:
+            raise ValueError(f"reconstruction {tuple(x_hat.shape)} differs from the input {tuple(x.shape)}")
+        x_u8, x_hat_u8 = quantise(x), quantise(x_hat)  # (B, 3, H, W) uint8: the official order
+        psnr = psnr_per_image(x_u8, x_hat_u8)
+        self.psnr += psnr.tolist()
+        self.ssim += ssim_per_image(x_u8, x_hat_u8).tolist()
+        if self.lpips is not None:
+            self.lpips_values += self.lpips(x_u8.float() / 255, x_hat_u8.float() / 255).tolist()
+        if self.features is not None:
+            self._update_features(x_u8, x_hat_u8)
+        if z is not None:
+            if self.latents is None:
+                self.latents = LatentAccumulator(z.shape[1])
+            self.latents.update(z)
+        self._track_worst(psnr, x_u8, x_hat_u8, keys)
+
+    def _update_features(self, x_u8: torch.Tensor, x_hat_u8: torch.Tensor) -> None:
+        fake = self.features(x_hat_u8)  # (B, d)
+        if self.fake is None:
+            self.fake = FeatureStats(fake.shape[1])
+        self.fake.update(fake)
+        if self.reference is None:
+            real = self.features(x_u8)
+            if self.real is None:
+                self.real = FeatureStats(real.shape[1])
+            self.real.update(real)
+
+    def _track_worst(self, psnr: torch.Tensor, x_u8, x_hat_u8, keys) -> None:
+        if self.worst_k <= 0:
+            return
+        keys = list(keys) if keys is not None else [str(len(self.psnr) - len(psnr) + i) for i in range(len(psnr))]
+        for i, p in enumerate(psnr.tolist()):
+            item = _Worst(-p, str(keys[i]), x_u8[i].cpu(), x_hat_u8[i].cpu())
+            if len(self._worst) < self.worst_k:
+                heapq.heappush(self._worst, item)
+            elif item > self._worst[0]:  # lower PSNR than the best of the kept worst
+                heapq.heapreplace(self._worst, item)
+
+    # Results --------------------------------------------------------------------------------------------
+    def worst(self) -> list[dict[str, Any]]:
+        """The k lowest-PSNR images, worst first: {"key", "psnr", "x", "x_hat"} (uint8 CHW)."""
+        items = sorted(self._worst, reverse=True)
+        return [{"key": w.key, "psnr": -w.neg_psnr, "x": w.x, "x_hat": w.x_hat} for w in items]
+
+    def _gather(self) -> None:
+        """Merge every rank's state into each rank (small lists via all_gather_object, sums via all_reduce)."""
+        if not _dist():
+            return
+        world = torch.distributed.get_world_size()
+        parts: list[Any] = [None] * world
+        mine = (self.psnr, self.ssim, self.lpips_values, self._worst, self.real, self.fake)
+        torch.distributed.all_gather_object(parts, mine)
+        self.psnr = [v for p in parts for v in p[0]]
+        self.ssim = [v for p in parts for v in p[1]]
+        self.lpips_values = [v for p in parts for v in p[2]]
+        self._worst = heapq.nlargest(self.worst_k, [w for p in parts for w in p[3]])
+        heapq.heapify(self._worst)
+        self.real = _merge([p[4] for p in parts])
+        self.fake = _merge([p[5] for p in parts])
+        if self.latents is not None:
+            self.latents.all_reduce()
+
+    def compute(self, gather: bool = True) -> dict[str, Any]:
+        """Final metrics. gather=False: this rank's images only (callers that run on one rank of many)."""
+        if gather:
+            self._gather()
+        n = len(self.psnr)
+        if n == 0:
+            raise ValueError("no images were evaluated: the dataset is empty or num_images is 0")
+        out: dict[str, Any] = {
+            "num_images": n,
+            "psnr": sum(self.psnr) / n,
+            "ssim": sum(self.ssim) / n,
+            "lpips": sum(self.lpips_values) / n if self.lpips_values else None,
+            "rfid": None,
+        }
+        if self.fake is not None:
+            real = self.reference if self.reference is not None else self.real
+            out["rfid"] = fid_from_stats(real, self.fake)
+        if self.latents is not None:
+            out["latent"] = self.latents.summary()
+        return out
+
+
+def _merge(stats: list[FeatureStats | None]) -> FeatureStats | None:
+    present = [s for s in stats if s is not None]
+    if not present:
+        return None
+    total = FeatureStats(present[0].dim)
+    for s in present:
+        total.merge(s)
+    return total
+
+
+# The loop -----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    batches: Iterable[dict],
+    evaluator: ReconstructionEvaluator,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    max_images: int | None = None,
+    progress: Any = None,
+) -> dict[str, float]:
+    """Run encode -> decode over `batches` (at most `max_images` on this rank); returns timing facts."""
+    was_training = model.training
+    model.eval()
+    seen, t0 = 0, time.perf_counter()
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    for batch in batches:
+        x = batch["image"]
+        keys = batch.get("__key__")
+        if max_images is not None:
+            x, keys = x[: max_images - seen], (keys[: max_images - seen] if keys is not None else None)
+        x = x.to(device, non_blocking=True)
+        with autocast:
+            z = model.encode(x)  # (B, c, H/f, W/f), unscaled
+            x_hat = model.decode(z)  # (B, 3, H, W)
+        evaluator.update(x.float(), x_hat.float(), z.float(), keys)
+        seen += x.shape[0]
+        if progress is not None:
+            progress.update(x.shape[0])
+        if max_images is not None and seen >= max_images:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    model.train(was_training)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "images": seen, "images_per_s": seen / max(seconds, 1e-9)}

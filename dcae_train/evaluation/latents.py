@@ -1,0 +1,65 @@
+"""Running latent statistics: per-channel mean/std, overall mean/std/RMS, and the diffusers scaling factor.
+
+diffusers convention (architecture.md section 4): the diffusion model sees z * scaling_factor, with
+scaling_factor = 1 / RMS(z) and no shift. float64 sums, so batches and ranks merge exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LatentAccumulator:
+    channels: int
+    count: int = 0  # values per channel seen so far (B * H * W summed over batches)
+    total: torch.Tensor = field(default=None)  # type: ignore[assignment]  # (C,) sum of z
+    total_sq: torch.Tensor = field(default=None)  # type: ignore[assignment]  # (C,) sum of z^2
+
+    def __post_init__(self) -> None:
+        if self.total is None:
+            self.total = torch.zeros(self.channels, dtype=torch.float64)
+        if self.total_sq is None:
+            self.total_sq = torch.zeros(self.channels, dtype=torch.float64)
+
+    def update(self, z: torch.Tensor) -> None:
+        if z.ndim != 4 or z.shape[1] != self.channels:
+            raise ValueError(f"latent has shape {tuple(z.shape)}: expected (B, {self.channels}, h, w)")
+        zd = z.detach().double()
+        self.count += zd.shape[0] * zd.shape[2] * zd.shape[3]
+        self.total += zd.sum(dim=(0, 2, 3)).cpu()
+        self.total_sq += zd.pow(2).sum(dim=(0, 2, 3)).cpu()
+
+    def all_reduce(self) -> None:
+        """Sum over ranks (no-op without torch.distributed)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        device = torch.device("cuda") if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+        packed = torch.cat([self.total, self.total_sq, torch.tensor([float(self.count)], dtype=torch.float64)])
+        packed = packed.to(device)
+        torch.distributed.all_reduce(packed)
+        packed = packed.cpu()
+        c = self.channels
+        self.total, self.total_sq, self.count = packed[:c], packed[c : 2 * c], int(packed[-1].item())
+
+    def summary(self) -> dict:
+        if self.count == 0:
+            raise ValueError("no latents were accumulated: the dataset yielded no images")
+        n = self.count
+        mean_c = self.total / n  # (C,)
+        var_c = (self.total_sq / n - mean_c.pow(2)).clamp_min(0)
+        mean = float(self.total.sum() / (n * self.channels))
+        mean_sq = float(self.total_sq.sum() / (n * self.channels))
+        rms = math.sqrt(mean_sq)
+        return {
+            "mean": mean,
+            "std": math.sqrt(max(mean_sq - mean**2, 0.0)),
+            "rms": rms,
+            "scaling_factor": 1.0 / rms if rms > 0 else float("inf"),  # multiply on encode (diffusers)
+            "per_channel_mean": [float(v) for v in mean_c],
+            "per_channel_std": [float(v) for v in var_c.sqrt()],
+            "values_per_channel": n,
+        }
