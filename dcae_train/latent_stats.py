@@ -1,0 +1,131 @@
+"""`python -m dcae_train.latent_stats`: latent statistics over a dataset and the recommended scaling factor.
+
+    python -m dcae_train.latent_stats --model runs/x/checkpoints/final.ckpt --data /data/val --resolution 512 \
+        --num-images 5000 --out latent_stats.json --write-config exported/dc-ae-mine-diffusers
+
+Reports per-channel mean/std, overall mean/std/RMS, and `scaling_factor = 1 / RMS` in the diffusers convention:
+the diffusion model sees `encode(x) * scaling_factor` (multiply on encode, divide on decode; no shift).
+Never carry a factor across conventions: Open-Sora's DC-AE divides by std instead (architecture.md section 4).
+`--write-config` sets `scaling_factor` in an exported diffusers model's `config.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dcae_train.evaluate import DTYPES, load_eval_model, setup_ranks
+from dcae_train.evaluation.data import eval_loader, resolve_data
+from dcae_train.evaluation.latents import LatentAccumulator
+
+
+@torch.no_grad()
+def compute_latent_stats(
+    model: nn.Module,
+    batches: Iterable[dict],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    max_images: int | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Encode every batch and summarise the (unscaled) latents; merges ranks under torch.distributed."""
+    was_training = model.training
+    model.eval()
+    acc, seen = None, 0
+    for batch in batches:
+        x = batch["image"] if max_images is None else batch["image"][: max_images - seen]
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            z = model.encode(x.to(device))  # (B, c, H/f, W/f)
+        acc = acc or LatentAccumulator(z.shape[1])
+        acc.update(z.float())
+        seen += x.shape[0]
+        if progress is not None:
+            progress.update(x.shape[0])
+        if max_images is not None and seen >= max_images:
+            break
+    model.train(was_training)
+    if acc is None:
+        raise ValueError("no images were encoded: the dataset is empty or --num-images is 0")
+    acc.all_reduce()
+    return {**acc.summary(), "num_images_this_rank": seen}
+
+
+def write_scaling_factor(target: Path, scaling_factor: float) -> Path:
+    """Set `scaling_factor` in a diffusers `config.json` (a model folder or the file itself)."""
+    config = target / "config.json" if target.is_dir() else target
+    if not config.is_file():
+        raise ValueError(f"--write-config={target}: no config.json there; export the model first (export_diffusers)")
+    data = json.loads(config.read_text())
+    if data.get("_class_name") not in (None, "AutoencoderDC"):
+        raise ValueError(f"{config} is a {data.get('_class_name')} config, not AutoencoderDC")
+    data["scaling_factor"] = scaling_factor
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dcae_train.latent_stats", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="our .ckpt, diffusers dir, original .safetensors, HF id or variant")
+    p.add_argument("--raw", action="store_true", help="our checkpoints: the raw weights, not the EMA copy")
+    p.add_argument("--random-init", action="store_true", help="--model is a variant name: random weights")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", required=True, help="image folder, folder of .tar shards, or a shard pattern")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-images", type=int, default=None)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--out", type=Path, default=Path("latent_stats.json"))
+    p.add_argument("--write-config", type=Path, default=None, help="diffusers model dir whose scaling_factor to set")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if (
+        args.write_config is not None
+        and not (args.write_config / "config.json").is_file()
+        and not (args.write_config.is_file())
+    ):  # checked before any encoding
+        raise ValueError(f"--write-config={args.write_config}: no config.json there; export the model first")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    ranks = setup_ranks(args.device)
+    data = resolve_data(args.data)
+    model = load_eval_model(args.model, not args.raw, args.random_init, args.seed).to(ranks.device)
+    loader = eval_loader(data, args.resolution, args.batch_size, args.num_workers, args.num_images, ranks.rank,
+                         ranks.world_size)  # fmt: skip
+    quota = -(-args.num_images // ranks.world_size) if args.num_images else None
+    progress = None
+    if not args.no_progress and ranks.rank == 0:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=quota, unit="img", desc="latent stats", file=sys.stderr)
+    t0 = time.perf_counter()
+    stats = compute_latent_stats(model, loader, ranks.device, DTYPES[args.dtype], quota, progress)
+    stats.update(model=args.model, data=args.data, resolution=args.resolution, seconds=time.perf_counter() - t0)
+    stats["model_scaling_factor"] = float(getattr(model, "scaling_factor", float("nan")))
+    if ranks.rank == 0:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(stats, indent=2) + "\n")
+        print(f"latent mean {stats['mean']:.4f}  std {stats['std']:.4f}  RMS {stats['rms']:.4f}  ->  "
+              f"scaling_factor = 1/RMS = {stats['scaling_factor']:.5f} (multiply on encode; model has "
+              f"{stats['model_scaling_factor']:.5f}); wrote {args.out}")  # fmt: skip
+        if args.write_config is not None:
+            print(f"set scaling_factor in {write_scaling_factor(args.write_config, stats['scaling_factor'])}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return stats
+
+
+if __name__ == "__main__":
+    main()
