@@ -52,10 +52,12 @@ class PerceptualLoss(nn.Module):
         if net not in TRUNK_WEIGHTS:
             raise ValueError(f"lpips_net={net!r} is not supported; use one of {', '.join(TRUNK_WEIGHTS)}")
         self.net_name = net
+        # Resolve the trunk file first: a missing or corrupt file fails before the (slow) network build.
+        state = _trunk_state_dict(net, require_pretrained, allow_download) if pretrained else None
         self.lpips = _build_lpips(net)  # random trunk + the package's linear heads
-        self.pretrained = False
-        if pretrained:
-            self.pretrained = _load_trunk(self.lpips.net, net, require_pretrained, allow_download)
+        if state is not None:
+            self.lpips.net.load_state_dict(_to_slices(state, self.lpips.net), strict=True)
+        self.pretrained = state is not None
         self.requires_grad_(False)
         self.eval()
 
@@ -144,18 +146,16 @@ def _build_lpips(net: str) -> lpips.LPIPS:
         return lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, use_dropout=False, verbose=False)
 
 
-def _load_trunk(trunk: nn.Module, net: str, require_pretrained: bool, allow_download: bool) -> bool:
-    """Load the ImageNet trunk into lpips' `net` following the module's trunk policy; True when loaded."""
+def _trunk_state_dict(net: str, require_pretrained: bool, allow_download: bool) -> dict[str, torch.Tensor] | None:
+    """The verified torchvision state_dict of `net`'s ImageNet trunk, or None for a random trunk (module docstring)."""
     path = trunk_file(net)
     if not path.is_file():
         reason = _download(net, path) if allow_download else "downloading is disabled (allow_download=False)"
         if reason is not None:
             _handle_missing(net, path, reason, require_pretrained)
-            return False
+            return None
     verify_trunk_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    trunk.load_state_dict(_to_slices(state, trunk), strict=True)
-    return True
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _download(net: str, path: Path) -> str | None:
