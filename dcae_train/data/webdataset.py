@@ -256,23 +256,27 @@ class ValStream(IterableDataset):
         counter = SkipCounter(f"val rank {self.rank} worker {worker}", self.warn_every_s)
         rng = random.Random(0)  # centre crop, no flip: nothing random is drawn; kept for the shared signature
         batch: list[tuple[torch.Tensor, str, str]] = []
+        done: list[tuple[torch.Tensor, str, str]] = []  # our previous complete batch, held back by one
         current = -1
         samples = tarfile_samples(({"url": u} for u in self.urls), handler=counter.tar_handler)
         for i, sample in enumerate(samples):
             if self.max_samples is not None and i >= self.max_samples:
                 break
             b = i // self.batch_size
-            if b != current and batch:  # our batch is complete: hand it over before reading on
-                yield _collate(batch, counter, worker)
-                batch = []
+            if b != current and batch:
+                if done:
+                    yield _collate(done, counter, worker)
+                done, batch = batch, []
             current = b
             if self._owner(b, num_workers) != (self.rank, worker):
                 continue  # another rank's or worker's batch: the tar bytes are read, not decoded
             x = _decode(sample, self.spec, rng, counter)
             if x is not None:
                 batch.append((x, sample["__key__"], sample.get("__url__", "")))
-        if batch:
-            yield _collate(batch, counter, worker)
+        # The last batch goes out after the whole stream is read, so its `skipped` includes every bad sample.
+        for items in (done, batch):
+            if items:
+                yield _collate(items, counter, worker)
 
 
 # Loader ---------------------------------------------------------------------------------------------
@@ -296,7 +300,8 @@ class StreamLoader:
         pin_memory: bool = False,
         epoch_fn: Callable[[], int] | None = None,
     ) -> None:
-        self.dataset, self.length, self.epoch_fn = dataset, length, epoch_fn
+        # Named `stream`, not `dataset`: Lightning would take it for a DataLoader and warn about IterableDataset length.
+        self.stream, self.length, self.epoch_fn = dataset, length, epoch_fn
         self.loader = DataLoader(
             dataset,
             batch_size=None,  # batched inside the workers
@@ -319,8 +324,8 @@ class StreamLoader:
         return self._skipped_done + sum(self._skipped_now.values())
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if hasattr(self.dataset, "epoch"):
-            self.dataset.epoch = self.epoch_fn() if self.epoch_fn is not None else self._iterations
+        if hasattr(self.stream, "epoch"):
+            self.stream.epoch = self.epoch_fn() if self.epoch_fn is not None else self._iterations
         self._iterations += 1
         self._skipped_done, self._skipped_now = self.skipped, {}
         it = iter(self.loader)
