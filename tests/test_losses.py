@@ -324,3 +324,29 @@ def test_a_few_steps_reduce_the_reconstruction_loss():
 def test_autoencoder_loss_rejects_a_plain_dict():
     with pytest.raises(ValueError, match="LossConfig"):
         AutoencoderLoss({"l1": 1.0})
+
+
+# GPU ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_phase3_losses_are_fp32_and_finite():
+    # The phase-3 setting at its real size: VGG LPIPS + the taming PatchGAN, 256 px, bf16 autocast on CUDA.
+    dev = torch.device("cuda")
+    cfg = LossConfig(l1=1.0, lpips=1.0, gan=0.5, disc={"layers": 3, "width": 64})
+    loss_fn = AutoencoderLoss(cfg, lpips_pretrained=False).to(dev)
+    head, x = TinyDecoderHead().to(dev), images(4, 256).to(dev)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        x_hat = head(x)
+        loss, logs = loss_fn.generator_loss(x, x_hat, step=0, last_layer=head.conv.weight)
+        lpips_bf16 = loss_fn.perceptual(x_hat, x)
+        d_loss, d_logs = loss_fn.discriminator_loss(x, x_hat, step=0)
+    for t in (loss, d_loss, lpips_bf16, *logs.values(), *d_logs.values()):
+        assert t.dtype == torch.float32 and torch.isfinite(t).all()
+    # LPIPS inside autocast is the fp32 value of the same (bf16) inputs
+    assert torch.allclose(lpips_bf16, loss_fn.perceptual(x_hat.float(), x), rtol=1e-4)
+    loss.backward()
+    assert torch.isfinite(head.conv.weight.grad).all()
+    loss_fn.discriminator.zero_grad()
+    d_loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in loss_fn.discriminator.parameters())
