@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -82,9 +83,29 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         raise
 
 
+# Lightning warnings that describe what we do on purpose (frozen modules in eval, checkpoints after the
+# optimizer step, our config files in the run folder before the CSV logger starts).
+QUIET = (
+    r".*module\(s\) in eval mode at the start of training.*",
+    r".*Using ModelCheckpoint with manual optimization.*",
+    r".*Experiment logs directory .* exists and is not empty.*",
+    r".*`IterableDataset` has `__len__` defined.*",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    r".*litlogger.*",
+)
+
+
+def quiet_known_warnings() -> None:
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
+    # Lightning's INFO lines (TPU/HPU availability, tips) drown the progress bar; warnings still show.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_known_warnings()
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0

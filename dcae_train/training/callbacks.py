@@ -150,6 +150,6 @@ class FinishedMarker(L.Callback):
         if trainer.interrupted:
             return
         final = self.run_dir / "checkpoints" / "final.ckpt"
-        trainer.save_checkpoint(final)  # collective under DDP: every rank calls it
+        trainer.save_checkpoint(final, weights_only=False)  # collective under DDP: every rank calls it
         if trainer.is_global_zero:
             write_finished(self.run_dir, final, {**self.info, "step": trainer.global_step})

@@ -53,8 +53,8 @@ class Preemption(L.Callback):
         if not requested:
             return
         ckpt = self.run_dir / "checkpoints" / f"preempt-step{trainer.global_step:08d}.ckpt"
-        trainer.save_checkpoint(ckpt)
-        trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.ckpt")
+        trainer.save_checkpoint(ckpt, weights_only=False)
+        trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.ckpt", weights_only=False)
         trainer.should_stop = True
         trainer.dcae_preempted = True  # read by the CLI for the exit code
         pl_module.print(f"preempted by {self.requested or 'a signal on another rank'}: saved {ckpt}; exiting")

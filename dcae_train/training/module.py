@@ -16,7 +16,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dcae_train.training.config import OptimizerConfig, PhaseConfig
@@ -162,7 +161,7 @@ class AutoencoderModule(L.LightningModule):
             return True
         self.nonfinite_in_a_row += 1
         self.nonfinite_total += 1
-        self.log("train/nonfinite_steps", float(self.nonfinite_total), on_step=True)
+        self.log("train/nonfinite_steps", float(self.nonfinite_total), on_step=True, batch_size=1)
         terms = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items() if torch.is_tensor(v) and v.numel() == 1)
         msg = (
             f"non-finite loss or gradient at step {step} "
@@ -196,8 +195,8 @@ class AutoencoderModule(L.LightningModule):
         skipped = getattr(self.trainer.datamodule, "skipped_samples", None)
         if callable(skipped):
             out["train/data_skipped"] = float(skipped())
-        self.log_dict(out, on_step=True, on_epoch=False, prog_bar=False)
-        self.log("loss", logs.get("loss_total", out.get("train/loss_total", 0.0)), prog_bar=True, on_step=True)
+        self.log_dict(out, on_step=True, on_epoch=False, prog_bar=False, batch_size=x.shape[0])
+        self.log("loss", logs["loss_total"], prog_bar=True, on_step=True, batch_size=x.shape[0])
 
     # Validation -------------------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -207,20 +206,12 @@ class AutoencoderModule(L.LightningModule):
                 continue
             x_hat = model(x).float()
             metrics = self.reconstruction_metrics(x.float(), x_hat)
-            self.log_dict({f"{tag}/{k}": v for k, v in metrics.items()}, on_step=False, on_epoch=True)
+            logs = {f"{tag}/{k}": v for k, v in metrics.items()}
+            self.log_dict(logs, on_step=False, on_epoch=True, batch_size=x.shape[0])
 
     def reconstruction_metrics(self, x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, torch.Tensor]:
         """The phase's reconstruction loss (L1/L2 + LPIPS at the recipe weights) and PSNR on uint8."""
-        l1 = F.l1_loss(x_hat, x)
-        l2 = F.mse_loss(x_hat, x)
-        cfg = self.loss.config
-        rec = cfg.l1 * l1 + cfg.l2 * l2
-        out = {"loss_l1": l1, "loss_l2": l2}
-        if cfg.lpips > 0:
-            lp = self.loss.perceptual(x_hat, x)
-            out["loss_lpips"] = lp
-            rec = rec + cfg.lpips * lp
-        out["loss_rec"] = rec
+        _, out = self.loss.reconstruction_loss(x, x_hat)
         q = lambda t: ((t + 1) * 127.5 + 0.5).clamp(0, 255).floor()  # noqa: E731  (uint8, as the evaluator)
         mse = (q(x_hat) - q(x)).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
         out["psnr"] = (10 * torch.log10(255.0**2 / mse)).mean()
