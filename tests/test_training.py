@@ -62,7 +62,7 @@ def test_every_recipe_and_phase_composes_and_validates(tmp_path, recipe, phase):
 def test_released_recipe_models_build_full_size_on_meta(tmp_path, recipe):
     from dcae_train.models import build_model
 
-    cfg = to_config(cli.compose_config([f"recipe={recipe}"]))
+    cfg = to_config(cli.compose_config([f"recipe={recipe}", "data=demo"]))
     with torch.device("meta"):
         model = build_model(cfg.model["variant"])
     assert sum(p.numel() for p in model.parameters()) > 300e6
@@ -74,6 +74,11 @@ def test_released_recipe_models_build_full_size_on_meta(tmp_path, recipe):
 def test_default_is_quickstart_phase1(tmp_path):
     cfg = to_config(cli.compose_config([]))
     assert (cfg.recipe, cfg.phase, cfg.model["variant"]) == ("quickstart", 1, "tiny")
+
+
+def test_released_recipe_without_data_names_the_missing_key(tmp_path, capsys):
+    assert cli.main([f"runs_dir={tmp_path}", "recipe=dc-ae-f32c32-in-1.0"]) == cli.EXIT_CONFIG
+    assert "data.train is required" in capsys.readouterr().err
 
 
 def test_unknown_key_and_recipe_fail_clearly():

@@ -44,6 +44,10 @@ def to_config(cfg: DictConfig | dict) -> TrainConfig:
     """Composed DictConfig -> TrainConfig (types already checked by the structured schema)."""
     if isinstance(cfg, dict):
         cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        example = " data.train='/data/shards/train-{000000..000099}.tar'" if "data.train" in missing else ""
+        raise ValueError(f"{missing[0]} is required (???) and not set: give it on the command line, e.g.{example}")
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, TrainConfig)
     return obj
