@@ -1,10 +1,11 @@
 """Shard specs -> per-rank, per-worker sample streams -> batches of decoded crops.
 
-Training (`TrainStream`): each rank takes a disjoint slice of every source's shards (`shards[rank::world]`),
-each worker a disjoint slice of that; a worker walks its shards in a fresh random order on every pass, forever,
-so the stream never ends and `StreamLoader` cuts it to `epoch_batches` per rank: the same count on every rank
-whatever the shard sizes, so DDP never waits on a rank that ran dry. Seeds come from (seed, epoch, rank,
-worker): reproducible from the run seed, different on every rank and epoch.
+Training (`TrainStream`): each rank takes a disjoint slice of every source's shards (`perm[rank::world]`, with
+a permutation shared by all ranks and redrawn every epoch), each worker a disjoint slice of that; a worker
+walks its shards in a fresh random order on every pass, forever, so the stream never ends and `StreamLoader`
+cuts it to `epoch_batches` per rank: the same count on every rank whatever the shard sizes, so DDP never
+waits on a rank that ran dry. Seeds come from (seed, epoch, rank, worker): reproducible from the run seed,
+different on every rank and epoch.
 
 Validation (`ValStream`): the first `max_samples` samples of the shards in listed order, cut into global
 batches; batch b belongs to rank `b % world` and, inside that rank, to worker `(b // world) % workers`. The
@@ -205,10 +206,17 @@ class TrainStream(IterableDataset):
                 )
 
     def worker_shards(self, worker: int, num_workers: int) -> list[tuple[str, ...]]:
-        """The shards this (rank, worker) reads, per source."""
-        return [
-            slice_shards(slice_shards(s.urls, self.rank, self.world_size), worker, num_workers) for s in self.sources
-        ]
+        """The shards this (rank, worker) reads in the current epoch, per source.
+
+        Every rank draws the same permutation (seeded by run seed and epoch only) and takes its slice of it:
+        disjoint within the epoch, and a different share of the data for each rank in the next one.
+        """
+        out = []
+        for i, src in enumerate(self.sources):
+            shared = random.Random(f"dcae_train/shards/{self.seed}/{self.epoch}/{i}")  # same on every rank
+            perm = tuple(shared.sample(src.urls, len(src.urls)))
+            out.append(slice_shards(slice_shards(perm, self.rank, self.world_size), worker, num_workers))
+        return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = _worker()
