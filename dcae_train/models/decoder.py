@@ -53,12 +53,21 @@ class Decoder(nn.Module):
             self.conv_out = UpBlock(head_channels, c.in_channels, interpolate, shortcut=False)
         self.gradient_checkpointing = False
 
+    # The head (norm_out -> act -> conv_out) is what phase 3 trains; the trainer runs the body without a graph.
+    head_module_names = ("norm_out", "conv_act", "conv_out")
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_body(z))  # (B, 3, H, W)
+
+    def forward_body(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)  # (B, C(n-1), h, w)
         if self.in_shortcut:
             h = h + z.repeat_interleave(h.shape[1] // z.shape[1], dim=1)  # channel duplicating
         for stage in reversed(self.up_blocks):
             h = stage(h)  # ... -> (B, Ch, H, W) (H/2 when the first stage is empty)
+        return h
+
+    def forward_head(self, h: torch.Tensor) -> torch.Tensor:
         return run_block(self._head, h, self.gradient_checkpointing, [self.norm_out, self.conv_out])  # (B, 3, H, W)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:

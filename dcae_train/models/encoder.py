@@ -46,10 +46,19 @@ class Encoder(nn.Module):
         self.out_shortcut = c.encoder_out_shortcut
         self.latent_channels = c.latent_channels
 
+    # The head (conv_out + shortcut) is what phase 2 trains; the trainer runs the body without a graph then.
+    head_module_names = ("conv_out",)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_body(x))
+
+    def forward_body(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)  # (B, C0, H, W), or (B, C1, H/2, W/2) when the first stage is empty
         for stage in self.down_blocks:
             h = stage(h)  # ... -> (B, C(n-1), H/f, W/f)
+        return h
+
+    def forward_head(self, h: torch.Tensor) -> torch.Tensor:
         z = self.conv_out(h)  # (B, c_lat, H/f, W/f)
         if self.out_shortcut:
             z = z + h.unflatten(1, (self.latent_channels, -1)).mean(dim=2)  # channel averaging to c_lat

@@ -95,7 +95,8 @@ class LoggerConfig:
 
 @dataclass
 class PerceptualConfig:
-    net: str = "vgg"
+    """Where the LPIPS trunk comes from (its backbone is each phase's loss.lpips_net)."""
+
     # Real recipes need the pretrained trunk and stop before training without it; the quickstart may
     # fall back to a random trunk (loudly, and recorded in the run config and metrics).
     require_pretrained: bool = True
