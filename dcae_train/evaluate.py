@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fid", choices=["inception", "tiny", "off"], default="inception", help="tiny: tests only")
     p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth path")
     p.add_argument("--no-verify-weights", action="store_true", help="skip the SHA-256 check of metric weights")
-    p.add_argument("--stats-cache", type=Path, default=None, help="reference-statistics folder ($DCAE_CACHE_DIR)")
+    p.add_argument("--stats-cache", type=Path, default=None, help="reference-statistics folder (default $DCAE_TRAIN_CACHE/fid_stats)")
     p.add_argument("--worst", type=int, default=8, help="images in worst.png")
     p.add_argument("--out", type=Path, default=Path("eval"))
     p.add_argument("--no-progress", action="store_true")

@@ -1,9 +1,10 @@
 """EvalCallback: protocol metrics on a fixed validation subset during training, for the raw and EMA weights.
 
 Every `every_n_steps` optimizer steps, rank 0 reconstructs the same images with `pl_module.model` and, when
-present, `pl_module.ema`, and logs `eval/{psnr,ssim,lpips,rfid}` and `eval_ema/...` through `pl_module.log`
-(so they reach every logger: CSV and wandb). rFID is computed only when the Inception weights are present
-(offline); on a subset of a few hundred images it is biased upwards and meant for trends, not for tables.
+present, `pl_module.ema`, and logs `eval/{psnr,ssim,lpips,rfid,latent_rms}` and `eval_ema/...` to every
+logger of the trainer (CSV and wandb) at that step; `last_metrics` holds the latest values. rFID is computed
+only when the Inception weights are present (offline); on a subset of a few hundred images it is biased
+upwards and meant for trends, not for tables.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class EvalCallback(L.Callback):
         self.features = self._build_features(fid, inception_weights)
         self.reference: FeatureStats | None = None
         self._last_step = -1
+        self.last_metrics: dict[str, float] = {}
 
     @staticmethod
     def _build_lpips(kind: str, path: str | None) -> nn.Module | None:
@@ -127,7 +129,11 @@ class EvalCallback(L.Callback):
                 metrics = self.evaluate(model, images, pl_module.device)
                 logs.update({f"{tag}/{k}": v for k, v in metrics.items()})
         pl_module.train(pl_module.training)  # re-apply the module's frozen-norm policy after model.train()
-        pl_module.log_dict(logs, on_step=True, on_epoch=False, rank_zero_only=True)
+        self.last_metrics = logs
+        # Straight to the loggers (CSV, wandb): `pl_module.log` from a callback would be dropped unless the
+        # step happens to fall on the trainer's `log_every_n_steps`.
+        for logger in trainer.loggers:
+            logger.log_metrics(logs, step=step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step > 0 and trainer.global_step % self.every == 0:

@@ -80,14 +80,35 @@ def ssim_per_image(x_u8: torch.Tensor, x_hat_u8: torch.Tensor, sigma: float = 1.
 
 
 # Fréchet distance ---------------------------------------------------------------------------------------
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), with scipy's sqrtm as in pytorch-fid and the
-    official evaluator (a 1e-6 ridge when the product is singular)."""
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, method: str = "eigh"
+) -> float:
+    """||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr(sqrt(S1 S2)).
+
+    method="sqrtm": scipy's matrix square root, as pytorch-fid and the official evaluator (a 1e-6 ridge when
+    the product is singular). method="eigh" (default): the same trace from two symmetric eigen-decompositions,
+    Tr sqrt(S1 S2) = sum sqrt(eig(A S2 A)) with A = S1^(1/2), since S1 S2 and A S2 A share their eigenvalues;
+    exact for covariance matrices and ~10-20x faster at 2048 dims (the Schur form dominates sqrtm).
+    """
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"feature statistics differ in size: {mu1.shape} vs {mu2.shape}; same extractor?")
+    if method not in ("eigh", "sqrtm"):
+        raise ValueError(f"frechet_distance method={method!r}: use 'eigh' or 'sqrtm'")
     diff = mu1 - mu2
+    trace_sqrt = _trace_sqrt_eigh(sigma1, sigma2) if method == "eigh" else _trace_sqrt_scipy(sigma1, sigma2)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
+
+
+def _trace_sqrt_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (v * np.sqrt(w.clip(min=0))) @ v.T  # S1^(1/2); round-off negatives clipped
+    m = root1 @ sigma2 @ root1
+    return float(np.sqrt(np.linalg.eigvalsh((m + m.T) / 2).clip(min=0)).sum())
+
+
+def _trace_sqrt_scipy(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     with warnings.catch_warnings():
         # Fewer images than feature dims give singular covariances; scipy warns, the result is still usable,
         # and a non-finite one gets the ridge below (as pytorch-fid).
@@ -96,8 +117,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         if not np.isfinite(covmean).all():
             ridge = np.eye(sigma1.shape[0]) * 1e-6
             covmean = scipy.linalg.sqrtm((sigma1 + ridge) @ (sigma2 + ridge))
-    covmean = np.real(covmean)  # sqrtm of a product of PSD matrices: any imaginary part is round-off
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    return float(np.trace(np.real(covmean)))  # sqrtm of a product of PSD matrices: imaginary part is round-off
 
 
 @dataclass
@@ -149,7 +169,7 @@ class FeatureStats:
             return cls(dim=total.shape[0], n=int(f["n"]), total=total, outer=outer)
 
 
-def fid_from_stats(real: FeatureStats, fake: FeatureStats) -> float:
+def fid_from_stats(real: FeatureStats, fake: FeatureStats, method: str = "eigh") -> float:
     mu_r, s_r = real.mean_cov()
     mu_f, s_f = fake.mean_cov()
-    return frechet_distance(mu_r, s_r, mu_f, s_f)
+    return frechet_distance(mu_r, s_r, mu_f, s_f, method)

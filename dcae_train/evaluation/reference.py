@@ -16,7 +16,7 @@ from dcae_train.evaluation.metrics import FeatureStats
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("DCAE_CACHE_DIR") or Path.home() / ".cache" / "dcae_train"
+    root = os.environ.get("DCAE_TRAIN_CACHE") or Path.home() / ".cache" / "dcae_train"  # shared with the demo data
     return Path(root) / "fid_stats"
 
 
