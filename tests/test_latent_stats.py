@@ -13,6 +13,7 @@ from torch import nn
 from dcae_train.evaluation.latents import LatentAccumulator
 from dcae_train.latent_stats import compute_latent_stats, main
 from dcae_train.models import build_model
+from dcae_train.weights import export_diffusers, load_model
 
 
 class ScaledEncoder(nn.Module):
@@ -79,14 +80,15 @@ def test_cli_writes_json_and_config(tmp_path):
     images.mkdir()
     for i in range(4):
         Image.fromarray((np.random.default_rng(i).random((40, 50, 3)) * 255).astype(np.uint8)).save(images / f"{i}.png")
-    export = tmp_path / "export"
-    export.mkdir()
-    (export / "config.json").write_text(json.dumps({"_class_name": "AutoencoderDC", "scaling_factor": 1.0}))
+    torch.manual_seed(0)
+    export = export_diffusers(build_model("tiny"), tmp_path / "export")  # a real diffusers folder, via load_model
     out = tmp_path / "stats.json"
-    stats = main(["--model", "tiny", "--random-init", "--data", str(images), "--resolution", "32", "--batch-size", "2",
+    stats = main(["--model", str(export), "--data", str(images), "--resolution", "32", "--batch-size", "2",
                   "--num-workers", "0", "--no-progress", "--out", str(out), "--write-config", str(export)])  # fmt: skip
     written = json.loads(out.read_text())
     assert written["scaling_factor"] == pytest.approx(1 / written["rms"])
+    assert written["model_scaling_factor"] == 1.0  # tiny's default, before the write
     assert json.loads((export / "config.json").read_text())["scaling_factor"] == stats["scaling_factor"]
+    assert load_model(export).scaling_factor == pytest.approx(stats["scaling_factor"])
     with pytest.raises(ValueError, match="no config.json"):
         main(["--model", "tiny", "--random-init", "--data", str(images), "--write-config", str(tmp_path / "none")])
