@@ -143,25 +143,29 @@ class DCAEConfig:
     def replace(self, **changes: Any) -> DCAEConfig:
         return dataclasses.replace(self, **changes)
 
-    def scaled(self, width: float = 0.25) -> DCAEConfig:
+    def scaled(self, width: float = 0.25, scale_latent: bool = False) -> DCAEConfig:
         """A copy with every block width multiplied by `width` (e.g. quarter-width sana-1.1 for CPU benchmarks).
 
-        Latent channels stay; each width must stay a whole number (and a multiple of `attention_head_dim` in
-        attention stages), which `__post_init__` checks.
+        `scale_latent=True` scales `latent_channels` too, which keeps the group sizes of the latent shortcuts
+        (32 / 16 / 4 for f32c32 / f64c128 / f128c512). Each width must stay a whole number (and a multiple of
+        `attention_head_dim` in attention stages), which `__post_init__` checks.
         """
         if width <= 0:
             raise ValueError(f"scaled(width={width}): width must be > 0, e.g. 0.25")
 
-        def scale(chs: tuple[int, ...]) -> tuple[int, ...]:
+        def scale(chs: tuple[int, ...], key: str) -> tuple[int, ...]:
             out = tuple(round(c * width) for c in chs)
             if any(abs(o - c * width) > 1e-6 or o < 1 for o, c in zip(out, chs, strict=True)):
-                raise ValueError(f"scaled(width={width}): widths {chs} do not scale to whole numbers ({out})")
+                raise ValueError(f"scaled(width={width}): {key}={chs} do not scale to whole numbers ({out})")
             return out
 
-        return self.replace(
-            encoder_block_out_channels=scale(self.encoder_block_out_channels),
-            decoder_block_out_channels=scale(self.decoder_block_out_channels),
-        )
+        changes: dict[str, Any] = {
+            "encoder_block_out_channels": scale(self.encoder_block_out_channels, "encoder_block_out_channels"),
+            "decoder_block_out_channels": scale(self.decoder_block_out_channels, "decoder_block_out_channels"),
+        }
+        if scale_latent:
+            changes["latent_channels"] = scale((self.latent_channels,), "latent_channels")[0]
+        return self.replace(**changes)
 
     # Derived -------------------------------------------------------------------------------------------
     @property
