@@ -48,8 +48,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lpips-weights", default=None, help="torchvision trunk file (default: $TORCH_HOME)")
     p.add_argument("--fid", choices=["inception", "tiny", "off"], default="inception", help="tiny: tests only")
     p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth path")
+    p.add_argument("--fid-method", choices=["eigh", "sqrtm"], default="eigh", help="sqrtm: scipy, as pytorch-fid")
     p.add_argument("--no-verify-weights", action="store_true", help="skip the SHA-256 check of metric weights")
-    p.add_argument("--stats-cache", type=Path, default=None, help="reference-statistics folder (default $DCAE_TRAIN_CACHE/fid_stats)")
+    p.add_argument(
+        "--stats-cache",
+        type=Path,
+        default=None,
+        help="reference-statistics folder (default $DCAE_TRAIN_CACHE/fid_stats)",
+    )
     p.add_argument("--worst", type=int, default=8, help="images in worst.png")
     p.add_argument("--out", type=Path, default=Path("eval"))
     p.add_argument("--no-progress", action="store_true")
@@ -129,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         reference = load_reference(ref_path)
     lpips = lpips.to(ranks.device) if lpips is not None else None
     features = features.to(ranks.device) if features is not None else None
-    evaluator = ReconstructionEvaluator(lpips, features, reference, worst_k=args.worst)
+    evaluator = ReconstructionEvaluator(lpips, features, reference, worst_k=args.worst, fid_method=args.fid_method)
 
     loader = eval_loader(data, args.resolution, args.batch_size, args.num_workers, args.num_images, **_rank_kw(ranks))
     quota = -(-args.num_images // ranks.world_size) if args.num_images else None
@@ -186,7 +192,7 @@ def _result(args, ranks, model, metrics, timing, features, ref_path, cached) -> 
         },
         "device": f"{ranks.world_size} x {device}" if ranks.world_size > 1 else device,
         "protocol": "ADM centre crop; uint8 quantisation; PSNR per image; SSIM range 255; LPIPS "
-        f"{args.lpips}; FID {args.fid} pool features",
+        f"{args.lpips}; FID {args.fid} pool features, trace sqrt by {args.fid_method}",
     }
 
 

@@ -46,8 +46,9 @@ class ReconstructionEvaluator:
         features: nn.Module | None = None,
         reference: FeatureStats | None = None,
         worst_k: int = 8,
+        fid_method: str = "eigh",
     ) -> None:
-        self.lpips, self.features, self.worst_k = lpips, features, worst_k
+        self.lpips, self.features, self.worst_k, self.fid_method = lpips, features, worst_k, fid_method
         self.reference = reference
         self.real: FeatureStats | None = None
         self.fake: FeatureStats | None = None
@@ -138,7 +139,7 @@ class ReconstructionEvaluator:
         }
         if self.fake is not None:
             real = self.reference if self.reference is not None else self.real
-            out["rfid"] = fid_from_stats(real, self.fake)
+            out["rfid"] = fid_from_stats(real, self.fake, self.fid_method)
         if self.latents is not None:
             out["latent"] = self.latents.summary()
         return out

@@ -11,9 +11,9 @@ import torch
 
 # Published rows to compare against (architecture.md section 6); same protocol, full datasets.
 PUBLISHED = [
-    ("dc-ae-f64c128-in-1.0", "ImageNet val 50k, 512", 0.2168, 26.149, 0.7105, 0.0802),
-    ("dc-ae-f32c32-sana-1.0", "MJHQ, 1024", 0.339, 29.31, None, None),
-    ("dc-ae-f32c32-sana-1.1", "MJHQ, 1024", 0.314, 29.74, None, None),
+    ("dc-ae-f64c128-in-1.0", "ImageNet val, 512", "50,000", 0.2168, 26.149, 0.7105, 0.0802),
+    ("dc-ae-f32c32-sana-1.0", "MJHQ, 1024", "30,000", 0.339, 29.31, None, None),
+    ("dc-ae-f32c32-sana-1.1", "MJHQ, 1024", "30,000", 0.314, 29.74, None, None),
 ]
 
 
@@ -49,8 +49,8 @@ def markdown_table(result: dict[str, Any], with_published: bool = True) -> str:
     )
     out = head + row
     if with_published:
-        for name, d, fid, psnr, ssim, lp in PUBLISHED:
-            out += f"| {name} (published) | {d} | 50k / 30k | {fid} | {psnr} | {_fmt(ssim, 4)} | {_fmt(lp, 4)} | | |\n"
+        for name, d, count, fid, psnr, ssim, lp in PUBLISHED:
+            out += f"| {name} (published) | {d} | {count} | {fid} | {psnr} | {_fmt(ssim, 4)} | {_fmt(lp, 4)} | | |\n"
     notes = [
         f"rFID features: {result['fid_features']}." if m["rfid"] is not None else "rFID not computed.",
         f"Throughput: {result['throughput']['images_per_s']:.2f} images/s on {result['device']}.",
