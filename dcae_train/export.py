@@ -1,0 +1,55 @@
+"""Convert DC-AE weights between formats.
+
+    python -m dcae_train.export SOURCE OUT_DIR [--format diffusers|original] [--dtype fp32|bf16]
+
+SOURCE is anything `dcae_train.load_model` takes: a variant name, a diffusers folder, an original
+`model.safetensors` (or its folder), one of our `.ckpt` training checkpoints, or a Hugging Face repo id.
+`--format diffusers` (default) writes a folder for `diffusers.AutoencoderDC.from_pretrained(OUT_DIR)`
+(`variant="bf16"` for `--dtype bf16`); `--format original` writes `OUT_DIR/model.safetensors` + `config.json`
+in the efficientvit/DC-Gen layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dcae_train.weights import WeightsError, export_diffusers, export_original, load_model
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dcae_train.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("source", help="variant name, diffusers folder, original .safetensors, our .ckpt, or HF repo id")
+    p.add_argument("out_dir", help="output folder")
+    p.add_argument("--format", choices=("diffusers", "original"), default="diffusers")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--scaling-factor", type=float, default=None, help="override the latent scaling factor")
+    p.add_argument("--variant", default=None, help="released variant of an original checkpoint (e.g. in vs mix)")
+    p.add_argument("--raw", action="store_true", help="from our checkpoints: the raw weights instead of the EMA")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        model = load_model(args.source, ema=not args.raw, variant=args.variant)
+        if args.format == "diffusers":
+            out = export_diffusers(model, args.out_dir, dtype=args.dtype, scaling_factor=args.scaling_factor)
+        else:
+            if args.scaling_factor is not None:
+                model.config = model.config.replace(scaling_factor=args.scaling_factor)
+            out = export_original(model, args.out_dir, dtype=args.dtype)
+    except (WeightsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    n = sum(p.numel() for p in model.parameters())
+    sf = model.config.scaling_factor if args.scaling_factor is None else args.scaling_factor
+    name = getattr(model, "variant", None) or "custom"
+    print(
+        f"wrote {args.format} {args.dtype} weights of {name} ({n / 1e6:.1f}M parameters, scaling_factor={sf}) to {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
