@@ -218,3 +218,20 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
     cut = step_values(read_metrics(cut_run), "train/loss_total")
     for step in (4, 5, 6, 7):
         assert cut[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, cut[step], ref[step])
+
+
+# DDP ----------------------------------------------------------------------------------------------------
+DDP = ("trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "validate_at_start=false")
+
+
+def test_ddp_two_processes_phase1_and_phase3(tmp_path):
+    p1 = _subprocess(tmp_path, *DDP, "phases.p1.max_steps=2")
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    (run1,) = run_dirs(tmp_path, "quickstart", 1)
+    parent = f"init_from={run1 / 'checkpoints' / 'final.ckpt'}"
+    p3 = _subprocess(tmp_path, *DDP, "phase=3", parent, "phases.p3.max_steps=2", "phases.p3.loss.gan_start=1")
+    assert p3.returncode == 0, p3.stderr[-3000:]
+    (run3,) = run_dirs(tmp_path, "quickstart", 3)
+    final = torch.load(run3 / "checkpoints" / "final.ckpt", weights_only=True, map_location="cpu")
+    assert final["global_step"] == 2 and final["dcae"]["parent"].startswith(str(run1))
+    assert any(k.startswith("loss.discriminator.") for k in final["state_dict"])
