@@ -111,7 +111,8 @@ class ReconstructionEvaluator:
             return
         world = torch.distributed.get_world_size()
         parts: list[Any] = [None] * world
-        mine = (self.psnr, self.ssim, self.lpips_values, self._worst, self.real, self.fake)
+        real, fake = (s.cpu() if s is not None else None for s in (self.real, self.fake))
+        mine = (self.psnr, self.ssim, self.lpips_values, self._worst, real, fake)
         torch.distributed.all_gather_object(parts, mine)
         self.psnr = [v for p in parts for v in p[0]]
         self.ssim = [v for p in parts for v in p[1]]
