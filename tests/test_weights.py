@@ -113,6 +113,9 @@ def test_original_variant_is_inferred_from_shapes_and_in_mix_is_refused(tmp_path
     path = tmp_path / "a.safetensors"
     save_file(diffusers_to_original(tiny.state_dict(), tiny.config), str(path))  # no metadata, no config.json
     assert load_model(path).variant == "tiny-in"
+    (tmp_path / "config.json").write_text(json.dumps({"model_name": "dc-ae-some-future-release"}))
+    assert load_model(path).variant == "tiny-in"  # unknown name: the shapes still decide
+    (tmp_path / "config.json").unlink()
 
     config = small_config("dc-ae-f32c32-in-1.0")
     sd = diffusers_to_original(random_model(config).state_dict(), config)

@@ -39,6 +39,8 @@ from dcae_train.weights.original import ConversionError, looks_original, origina
 log = logging.getLogger(__name__)
 ORIGINAL_NAME = "model.safetensors"
 META_CONFIG = "dcae_config"  # safetensors metadata / config.json key where we store our full config
+# Names the original repos' config.json may use for a variant we register under another name (DC-Gen zoo names).
+_ALIASES = {"dc-ae-lite-f32c32-sana-1.1": "dc-ae-lite-f32c32"}
 
 
 def load_model(source: str | Path, *, ema: bool = True, variant: str | None = None) -> DCAE:
@@ -187,11 +189,11 @@ def _original_config(path: Path, sd: dict[str, torch.Tensor], meta: dict[str, st
         data = read_json(sibling)
         if META_CONFIG in data:
             return DCAEConfig.from_dict(data[META_CONFIG]), data.get("model_name")
-        name = data.get("model_name")
-        if name is not None:
-            if name not in VARIANTS and f"dc-ae-{name}" not in VARIANTS:
-                raise WeightsError(f"{sibling}: model_name={name!r} is not a known variant; use one of {VARIANTS}")
+        name = _ALIASES.get(data.get("model_name"), data.get("model_name"))
+        if name in VARIANTS or f"dc-ae-{name}" in VARIANTS:
             return variant_config(name), name
+        if name is not None:  # e.g. a newer release: the shapes may still identify the architecture
+            log.warning("%s: model_name=%r is not a known variant; inferring it from the shapes", sibling, name)
     return _infer_original_config(path, sd)
 
 
