@@ -92,6 +92,8 @@ QUIET = (
     r".*`IterableDataset` has `__len__` defined.*",
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
     r".*litlogger.*",
+    r".*The parameter 'pretrained' is deprecated.*",  # lpips with torchvision >= 0.13
+    r".*Arguments other than a weight enum.*",
 )
 
 

@@ -104,6 +104,17 @@ class PerceptualConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Protocol metrics (PSNR, SSIM, LPIPS-Alex, rFID) on a fixed validation subset during training."""
+
+    every: int = 0  # steps between evaluations; 0 = off
+    num_images: int = 256
+    batch_size: int = 16
+    lpips: str = "alex"  # alex (protocol; needs the AlexNet trunk offline) | vgg | random | off
+    fid: str = "auto"  # auto (Inception if its weights are present) | inception | off
+
+
+@dataclass
 class TrainConfig:
     recipe: str = "quickstart"  # the recipe's name: runs go to <runs_dir>/<recipe>/phase<N>/<time>
     phase: int = 1
@@ -119,6 +130,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     phases: dict[str, PhaseConfig] = field(default_factory=dict)
 
 

@@ -295,6 +295,13 @@ def build_trainer(cfg: TrainConfig, phase: PhaseConfig, run_dir: Path, module: A
         # Under SLURM, Lightning's auto-requeue owns SIGUSR1 (it saves an hpc checkpoint and requeues the job).
         Preemption(run_dir, handle_usr1="SLURM_JOB_ID" not in os.environ),
     ]
+    if cfg.evaluation.every > 0:
+        from dcae_train.evaluation import EvalCallback
+
+        e = cfg.evaluation
+        callbacks.append(
+            EvalCallback(e.every, num_images=e.num_images, batch_size=e.batch_size, lpips=e.lpips, fid=e.fid)
+        )
     if os.environ.get(FAULTS_ENV):
         callbacks.append(FaultInjection(os.environ[FAULTS_ENV]))
     return L.Trainer(
