@@ -1,0 +1,70 @@
+"""Smoke test of scripts/bench_train.py: one step of every configuration (ours in Lightning, plain, baseline) on
+the tiny variant, the table and the criteria lines, plus the argument checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_train"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_step_all_configs(bench, capsys):
+    # bf16-mixed on CPU exercises the GPU precision path (autocast, fp32 LPIPS island) as far as a CPU allows.
+    bench.main(
+        [
+            "--quick",
+            "--variant",
+            "tiny",
+            "--width",
+            "1",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--cases",
+            "1@64,3@64",
+            "--precision",
+            "bf16-mixed",
+            "--no-memory",
+        ]
+    )
+    out = capsys.readouterr().out
+    for cfg in ("| ours |", "| plain |", "| baseline |"):
+        assert out.count(cfg) == 2, out
+    assert "p1 ours/baseline step time" in out
+    assert "p3@64 ours / p1 ours step time" in out
+
+
+def test_memory_child_reports_peak(bench):
+    s = bench.Settings("tiny", 1.0, "cpu", "32", 1, 1, 0, True, False, 512)
+    spec = {"settings": bench.asdict(s), "case": {"phase": 2, "resolution": 64}, "which": "ours"}
+    out = bench.child_measure(spec)
+    assert out["peak_gib"] >= 0 and out["kind"] == "step peak RSS"
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--cases", "1@250"], "multiple of 32"),
+        (["--cases", "4@256"], "phase must be"),
+        (["--cases", "oops"], "PHASE@RES"),
+        (["--width", "2"], "--width"),
+        (["--steps", "0"], "--steps"),
+    ],
+)
+def test_bad_arguments_named(bench, argv, match):
+    with pytest.raises(ValueError, match=match):
+        bench.parse_args(argv)
