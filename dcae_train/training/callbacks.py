@@ -147,8 +147,8 @@ class FinishedMarker(L.Callback):
         self.info = info
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.interrupted:
-            return
+        if trainer.interrupted or getattr(trainer, "dcae_preempted", False):
+            return  # not finished: a preempted run continues with resume=auto
         final = self.run_dir / "checkpoints" / "final.ckpt"
         trainer.save_checkpoint(final, weights_only=False)  # collective under DDP: every rank calls it
         if trainer.is_global_zero:
