@@ -113,13 +113,13 @@ class MultiscaleLinearAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         w_qkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3C, C): one matmul, not three
-        qkv = F.conv2d(x, w_qkv[:, :, None, None])  # (B, 3C, H, W) = [q | k | v]
+        qkv = (w_qkv @ x.flatten(2)).view(B, 3 * C, H, W)  # per-pixel projection, (B, 3C, H, W) = [q | k | v]
         qkv = torch.cat([qkv, *(scale(qkv) for scale in self.to_qkv_multiscale)], dim=1)  # (B, 3C(1+S), H, W)
         qkv = qkv.reshape(B, -1, 3 * self.head_dim, H * W)  # (B, G, 3d, N): consecutive channel groups
-        out = self._attend(qkv, linear=self.head_dim < H * W)  # (B, G, d, N), input dtype
-        out = out.reshape(B, -1, H, W)  # (B, C(1+S), H, W)
-        out = F.conv2d(out, self.to_out.weight[:, :, None, None])  # (B, C, H, W)
-        return x + self.norm_out(out)
+        n_tokens = H * W  # linear form above head_dim tokens, the N x N form at or below (as published)
+        out = self._attend(qkv, linear=n_tokens > self.head_dim)  # (B, G, d, N), input dtype
+        out = self.to_out.weight @ out.reshape(B, -1, H * W)  # (B, C, N)
+        return x + self.norm_out(out.view(B, C, H, W))
 
     def _attend(self, qkv: torch.Tensor, linear: bool) -> torch.Tensor:
         dtype = qkv.dtype
