@@ -81,7 +81,7 @@ def test_nan_loss_is_skipped_and_counted(tmp_path, monkeypatch):
 
 
 def test_nan_losses_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setenv("DCAE_TRAIN_FAULTS", "nan@3,nan@4,nan@5")
+    monkeypatch.setenv("DCAE_TRAIN_FAULTS", "nan@3,nan@3,nan@3")  # three batches in a row at step 3
     code = cli.main([f"runs_dir={tmp_path / 'runs'}", *SMOKE, *BASE, "trainer.max_nonfinite_steps=3"])
     assert code == cli.EXIT_NONFINITE
     run = only_run(tmp_path / "runs")
@@ -178,6 +178,6 @@ def test_malicious_checkpoint_is_refused_by_every_loader(tmp_path):
 
 
 def test_fault_spec_parsing():
-    assert parse_faults("nan@3,kill@6") == {3: ["nan"], 6: ["kill"]}
+    assert parse_faults("nan@3,kill@6,nan@3") == {3: ["nan", "nan"], 6: ["kill"]}
     with pytest.raises(ValueError, match="DCAE_TRAIN_FAULTS"):
         parse_faults("explode@1")

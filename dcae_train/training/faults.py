@@ -6,9 +6,10 @@ also as last.ckpt), stops cleanly and the process exits with `EXIT_PREEMPTED` (7
 wrapper or SLURM requeue runs `resume=auto` again. Under SLURM with Lightning's auto-requeue the job is
 requeued by Lightning's own SIGUSR1 handler instead (see README).
 
-Fault injection, for the chaos tests only: `DCAE_TRAIN_FAULTS="nan@3,nan@4,kill@6,sigterm@5"` makes step 3's
-loss NaN, SIGKILLs the process at step 6 (mid-way through the next checkpoint write when `killwrite@N`), or
-sends SIGTERM to itself at step 5. Unset in normal runs: the callback is not even installed.
+Fault injection, for the chaos tests only: `DCAE_TRAIN_FAULTS="nan@3,nan@3,sigterm@5,kill@6"` makes the loss of
+the next two batches at step 3 NaN (each entry fires once; a skipped batch does not advance the step), sends
+SIGTERM to the process at step 5, and SIGKILLs it after step 6 (`killwrite@N`: half-way through the next
+checkpoint write instead). Unset in normal runs: the callback is not even installed.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ class FaultInjection(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         kinds = self.faults.get(trainer.global_step + 1, [])
         if "nan" in kinds:
+            kinds.remove("nan")  # once: a skipped step does not advance global_step, so it would fire again
             pl_module.inject_nan_loss = True
         if "sigterm" in kinds:
             os.kill(os.getpid(), signal.SIGTERM)
