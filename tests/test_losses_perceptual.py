@@ -55,7 +55,22 @@ def test_frozen_and_eval_forever(vgg):
     vgg.requires_grad_(True)
     assert not vgg.training and not any(m.training for m in vgg.modules())
     assert not any(p.requires_grad for p in vgg.parameters())
-    assert not any(isinstance(m, torch.nn.Dropout) for m in vgg.modules())  # use_dropout=False
+    assert all(not m.training for m in vgg.modules() if isinstance(m, torch.nn.Dropout))  # inert dropout
+
+
+def test_linear_heads_are_the_shipped_weights(vgg):
+    # lpips stores the heads as lin*.model.1.weight and loads them with strict=False: with use_dropout=False
+    # the keys do not match and the heads stay random (negative LPIPS values were the symptom).
+    import lpips as lpips_pkg
+
+    shipped = torch.load(
+        Path(lpips_pkg.__file__).parent / "weights" / "v0.1" / "vgg.pth", map_location="cpu", weights_only=True
+    )
+    ours = vgg.lpips.state_dict()
+    for key, value in shipped.items():
+        assert torch.equal(ours[key], value), key
+    x, y = images(seed=3), images(seed=4)
+    assert (vgg.distance(x, y) > 0).all()
 
 
 def test_deterministic_under_train_and_zero_on_identical_images(vgg):

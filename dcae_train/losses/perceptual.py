@@ -143,7 +143,10 @@ def _build_lpips(net: str) -> lpips.LPIPS:
         torch.manual_seed(_RANDOM_TRUNK_SEED)
         warnings.filterwarnings("ignore", message="The parameter 'pretrained' is deprecated")
         warnings.filterwarnings("ignore", message="Arguments other than a weight enum")
-        return lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, use_dropout=False, verbose=False)
+        # use_dropout=True is required: the shipped linear heads are stored as `lin*.model.1.weight` (Dropout at
+        # index 0) and lpips loads them with strict=False, so use_dropout=False silently leaves the heads random.
+        # Dropout is inert: this module never leaves eval mode (see train()).
+        return lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, use_dropout=True, verbose=False)
 
 
 def _trunk_state_dict(net: str, require_pretrained: bool, allow_download: bool) -> dict[str, torch.Tensor] | None:
