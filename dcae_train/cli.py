@@ -53,7 +53,7 @@ def recipe_names() -> list[str]:
 
 
 def translate_overrides(overrides: Sequence[str]) -> list[str]:
-    """`recipe=NAME` selects the config group `recipes` (the folder is recipes/)."""
+    """`recipe=NAME` selects the config group `recipes` (the folder is recipes/); brace patterns are quoted."""
     out = []
     for o in overrides:
         if o.startswith("recipe="):
@@ -61,8 +61,16 @@ def translate_overrides(overrides: Sequence[str]) -> list[str]:
             if name not in recipe_names():
                 raise ValueError(f"recipe={name!r} is not a recipe; available: {', '.join(recipe_names())}")
             o = f"recipes={name}"
-        out.append(o)
+        out.append(_quote_brace_pattern(o))
     return out
+
+
+def _quote_brace_pattern(override: str) -> str:
+    """`data.train=shards/train-{000000..000099}.tar` is a WebDataset brace pattern, not Hydra syntax: quote it."""
+    key, sep, value = override.partition("=")
+    if not sep or not ("{" in value or "}" in value) or value[:1] in "'\"[{" or "'" in value:
+        return override
+    return f"{key}='{value}'"
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:

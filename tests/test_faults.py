@@ -128,7 +128,7 @@ BAD_CONFIGS = [
     (["phase=3", "init_from=tiny", "phases.p3.loss.gan=0"], "phases.p3.loss.gan"),
     (["phases.p1.batch_size=0"], "phases.p1.batch_size"),
     (["trainer.devices=0"], "trainer.devices"),
-    (["data=webdataset", "data.train=/nonexistent/shard-{000000..000009}.tar"], "data.train"),
+    (["data=webdataset", "data.train=/nonexistent/shard-{000000..000009}.tar", "data.val=/no/val.tar"], "data.train"),
     (["model.variant=dc-ae-f999"], "model.variant"),
     (["recipe=no-such-recipe"], "recipe"),
     (["phases.p1.optimizer.lrr=1"], "lrr"),

@@ -96,10 +96,21 @@ def validate(cfg: TrainConfig, phase: PhaseConfig) -> None:
             f"{p}.loss.gan={getattr(loss_cfg, 'gan', 0.0)}: phase 3 (local refinement) trains with a GAN loss; "
             f"set {p}.loss.gan (e.g. 0.5) and {p}.loss.disc (e.g. {{layers: 3, width: 64}})"
         )
-    DataConfig.from_dict(cfg.data) if hasattr(DataConfig, "from_dict") else DataConfig(**cfg.data)
+    _validate_shards(DataConfig.from_dict(cfg.data))
     _validate_devices(cfg)
     if cfg.resume and cfg.init_from:
         raise ValueError("resume= continues a run (full state); init_from= starts a new one from weights: give one")
+
+
+def _validate_shards(data) -> None:
+    """Local shard specs must match files now, not after the model is built and the workers started."""
+    from dcae_train.data.config import is_demo
+    from dcae_train.data.webdataset import sources_from_spec
+
+    for key in ("train", "val"):
+        spec = getattr(data, key)
+        if spec is not None and not is_demo(spec):
+            sources_from_spec(spec, f"data.{key}")
 
 
 def _validate_devices(cfg: TrainConfig) -> None:
@@ -203,7 +214,7 @@ def build_loss(cfg: TrainConfig, phase: PhaseConfig):
 def build_datamodule(cfg: TrainConfig, phase: PhaseConfig):
     from dcae_train.data import DataConfig, ImageDataModule
 
-    data_cfg = DataConfig.from_dict(cfg.data) if hasattr(DataConfig, "from_dict") else DataConfig(**cfg.data)
+    data_cfg = DataConfig.from_dict(cfg.data)
     return ImageDataModule(
         data_cfg,
         resolution=phase.resolution,
