@@ -70,11 +70,12 @@ class AutoencoderModule(L.LightningModule):
 
     @property
     def last_layer(self) -> torch.Tensor | None:
-        """Weight of the last trainable layer of the decoder, for the adaptive GAN weight."""
-        named = dict(self.model.named_parameters())
-        candidates = [n for n in self.trainable_names if n.startswith("decoder.") and n.endswith("weight")]
-        convs = [n for n in candidates if named[n].ndim == 4]
-        return named[convs[-1]] if convs else None
+        """Weight of the last trainable conv of the decoder, for the adaptive GAN weight (looked up once)."""
+        if not hasattr(self, "_last_layer_name"):
+            named = dict(self.model.named_parameters())
+            convs = [n for n in self.trainable_names if n.startswith("decoder.") and named[n].ndim == 4]
+            self._last_layer_name = convs[-1] if convs else None
+        return self.model.get_parameter(self._last_layer_name) if self._last_layer_name else None
 
     # Forward with no autograd graph through frozen prefixes ---------------------------------------------
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +121,8 @@ class AutoencoderModule(L.LightningModule):
 
         with self.toggled_optimizer(opt_g):
             z, x_hat = self.reconstruct(x)
-            loss, logs = self.loss.generator_loss(x, x_hat, step=step, last_layer=self.last_layer)
+            last = self.last_layer if self.loss.gan_active(step) else None
+            loss, logs = self.loss.generator_loss(x, x_hat, step=step, last_layer=last)
             if self.inject_nan_loss:
                 loss, self.inject_nan_loss = loss * float("nan"), False
             self.manual_backward(loss)
