@@ -40,7 +40,6 @@ def ckpt_step(path: Path) -> int:
 
 
 # (a) SIGKILL during a checkpoint write ------------------------------------------------------------------
-@pytest.mark.slow
 def test_kill_during_checkpoint_write_then_resume_auto(tmp_path):
     runs = tmp_path / "runs"
     killed = run_sub(runs, *BASE, faults="killwrite@3")  # the write at step 4 dies half-way
@@ -55,7 +54,6 @@ def test_kill_during_checkpoint_write_then_resume_auto(tmp_path):
 
 
 # (b) SIGTERM mid-run ------------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_sigterm_saves_exits_75_and_resume_continues(tmp_path):
     runs = tmp_path / "runs"
     term = run_sub(runs, *BASE, faults="sigterm@3")

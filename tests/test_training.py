@@ -204,7 +204,6 @@ RESUME_ARGS = (
 )
 
 
-@pytest.mark.slow
 def test_killed_run_resumes_with_identical_losses(tmp_path):
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     assert _subprocess(ref_dir, *RESUME_ARGS).returncode == 0
