@@ -5,6 +5,8 @@
 
 (a) Seam error: max / mean |tiled - untiled| of encode (latent) and decode (image) at `--size-a` px
     (default 1024), for both tilings at tile `--tile` (diffusers: its stride 448 px = tile - 64 px blend).
+    Also where each max lies, and our max over the pixels that one of our tiles covers alone (there the tile's
+    own error, from its missing context, is the result: blending and overlap cannot lower it).
 (b) Memory and time of a tiled decode of a `--size-b` px image (default 4096, a 128 x 128 latent), next to the
     peak of decoding one tile alone. Peak = allocator high-water mark above the weights + input (CUDA), or the
     process's peak RSS above its RSS before the call (CPU; each measurement in a fresh process).
@@ -28,7 +30,7 @@ import time
 import torch
 
 from dcae_train.models import DCAE, DCAEConfig
-from dcae_train.tiling import DEFAULT_OVERLAP, tiled_decode, tiled_encode
+from dcae_train.tiling import DEFAULT_OVERLAP, _starts, tiled_decode, tiled_encode
 
 VARIANT = "dc-ae-f32c32-sana-1.1"
 DIFFUSERS_BLEND = 64  # px: diffusers' default tile 512 / stride 448
@@ -68,7 +70,7 @@ def sync(device: str) -> None:
 
 # (a) seam error -----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def seam_error(args) -> list[tuple[str, float, float, float, float]]:
+def seam_error(args) -> tuple[list[tuple[str, float, float, float, float]], list[str]]:
     ours, theirs = build_pair(args.width_a, args.device, args.dtype)
     x = scene(args.size_a, args.device, args.dtype)
     z = ours.encode(x)
@@ -86,7 +88,28 @@ def seam_error(args) -> list[tuple[str, float, float, float, float]]:
     zd = theirs.encode(x).latent
     xd = theirs.decode(z).sample
     rows.append((f"diffusers (blend {DIFFUSERS_BLEND} px)", *stats(zd, z), *stats(xd, x_hat)))
-    return rows
+    notes, f = [], ours.spatial_compression_ratio
+    for name, a, b, scale in (("encode", zt, z, 1), ("decode", xt, x_hat, f), ("diffusers decode", xd, x_hat, f)):
+        err = (a.float() - b.float()).abs().amax(dim=(0, 1))  # (H, W)
+        y, x_ = divmod(int(err.argmax()), err.shape[1])
+        line = f"{name}: max at (y, x) = ({y}, {x_}) of {tuple(err.shape)}"
+        if not name.startswith("diffusers"):
+            one = _one_tile_mask(err.shape, args.tile // f, args.overlap // f, scale, err.device)
+            if one.any():
+                line += f"; max where only one of our tiles covers (no blending changes it): {err[one].max():.4f}"
+        notes.append(line)
+    return rows, notes
+
+
+def _one_tile_mask(shape, t: int, o: int, scale: int, device) -> torch.Tensor:
+    """(H, W) bool: pixels that exactly one tile of our grid covers (tile t, overlap o in latents)."""
+    masks = []
+    for n in shape:
+        count = torch.zeros(n, device=device)
+        for s in _starts(n // scale, t, o):
+            count[s * scale : (s + t) * scale] += 1
+        masks.append(count == 1)
+    return masks[0][:, None] & masks[1][None, :]
 
 
 # (b) memory and time -----------------------------------------------------------------------------------------
@@ -184,13 +207,14 @@ def main() -> None:
         print(f"## (a) tiled vs untiled at {args.size_a} px, width x{args.width_a}\n")
         print("| tiling | encode max abs diff | encode mean | decode max abs diff | decode mean |")
         print("|---|---|---|---|---|")
-        rows = seam_error(args)
+        rows, notes = seam_error(args)
         for name, emax, emean, dmax, dmean in rows:
             print(f"| {name} | {emax:.4f} | {emean:.5f} | {dmax:.4f} | {dmean:.5f} |")
         print(
             f"\nratio ours/diffusers, decode mean: {rows[0][4] / rows[1][4]:.3f}; encode mean: "
             f"{rows[0][2] / rows[1][2]:.3f}\n"
         )
+        print("\n".join(notes) + "\n")
     if not args.skip_b:
         side = args.size_b // 32
         print(
