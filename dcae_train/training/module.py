@@ -167,7 +167,7 @@ class AutoencoderModule(L.LightningModule):
         terms = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items() if torch.is_tensor(v) and v.numel() == 1)
         msg = (
             f"non-finite loss or gradient at step {step} "
-            f"(loss={float(loss):.4g}, grad_norm={float(grad_norm):.4g}; {terms})"
+            f"(loss={loss.detach().item():.4g}, grad_norm={grad_norm.item():.4g}; {terms})"
         )
         if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
             raise NonFiniteLossError(
