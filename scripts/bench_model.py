@@ -127,21 +127,22 @@ def gpu_peak_mib(step: Callable[[], None]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / MIB
 
 
-def cpu_memory_in_child(case: Case, which: str, threads: int) -> float:
+def cpu_memory_in_child(case: Case, which: str, threads: int, repeats: int = 2) -> float:
     """Run `--memory-child` in a fresh process whose allocator unmaps large blocks at once."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-    cmd = [sys.executable, __file__, "--memory-child", json.dumps({**case.__dict__, "which": which}), "--threads"]
-    out = subprocess.run([*cmd, str(threads)], env=env, capture_output=True, text=True, check=True)
+    spec = json.dumps({**case.__dict__, "which": which, "repeats": repeats})
+    cmd = [sys.executable, __file__, "--memory-child", spec, "--threads", str(threads)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def memory_child(spec: str) -> None:
     d = json.loads(spec)
-    which = d.pop("which")
+    which, repeats = d.pop("which"), d.pop("repeats")
     case = Case(**d)
     models = build_pair(case, "cpu", with_diffusers=which == "diffusers")
     x = torch.rand(case.batch, 3, case.size, case.size) * 2 - 1
-    print(cpu_peak_rss_mib(make_step(models[which], x, bf16=False)))
+    print(cpu_peak_rss_mib(make_step(models[which], x, bf16=False), repeats))
 
 
 # Tables -------------------------------------------------------------------------------------------------
@@ -150,13 +151,15 @@ def row(label: str, ours: float, base: float, unit: str, fmt: str = "{:.3f}") ->
 
 
 def run_cpu(args: argparse.Namespace) -> None:
+    if args.only_checkpointing:
+        return run_cpu_checkpointing(args)
     case = Case("train step", args.variant, args.width, args.size, args.batch)
     models = build_pair(case, "cpu")
     x = torch.rand(case.batch, 3, case.size, case.size) * 2 - 1
     steps = {k: make_step(m, x, bf16=False) for k, m in models.items()}
     times = time_interleaved(steps, args.steps, args.warmup, "cpu")
     med = {k: statistics.median(v) for k, v in times.items()}
-    mem = {k: cpu_memory_in_child(case, k, args.threads) for k in models}
+    mem = {k: cpu_memory_in_child(case, k, args.threads, args.memory_repeats) for k in models}
     title = f"{args.variant} x{args.width} width, {case.size} px, batch {case.batch}, fp32, {args.threads} thread(s)"
     print(f"\n### CPU: {title}; median of {args.steps} interleaved steps\n")
     print("| fwd+bwd step | ours | diffusers | ours / diffusers |\n|---|---|---|---|")
@@ -171,15 +174,17 @@ def run_cpu_checkpointing(args: argparse.Namespace) -> None:
     size, batch = args.ckpt_size, args.ckpt_batch
     off = Case("ckpt off", args.variant, args.width, size, batch, gradient_checkpointing=False)
     on = Case("ckpt on", args.variant, args.width, size, batch, gradient_checkpointing=True)
-    mem_off, mem_on = cpu_memory_in_child(off, "ours", args.threads), cpu_memory_in_child(on, "ours", args.threads)
-    mem_ref = cpu_memory_in_child(off, "diffusers", args.threads)
+    r = args.memory_repeats
+    mem_off = cpu_memory_in_child(off, "ours", args.threads, r)
+    mem_on = cpu_memory_in_child(on, "ours", args.threads, r)
+    mem_ref = cpu_memory_in_child(off, "diffusers", args.threads, r)
     models_off = build_pair(off, "cpu", with_diffusers=False)["ours"]
     models_on = DCAE(models_off.config).train()
     models_on.load_state_dict(models_off.state_dict())
     models_on.set_gradient_checkpointing(True)
     x = torch.rand(batch, 3, size, size) * 2 - 1
     steps = {"off": make_step(models_off, x, False), "on": make_step(models_on, x, False)}
-    times = time_interleaved(steps, max(3, args.steps // 2), 1, "cpu")
+    times = time_interleaved(steps, max(2, args.steps // 2), args.warmup, "cpu")
     t_off, t_on = statistics.median(times["off"]), statistics.median(times["on"])
     print(f"\n### CPU: gradient checkpointing, ours, {args.variant} x{args.width}, {size} px, batch {batch}\n")
     print("| fwd+bwd step | checkpointing on | off | on / off |\n|---|---|---|---|")
@@ -230,6 +235,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--skip-checkpointing", action="store_true")
+    p.add_argument("--only-checkpointing", action="store_true")
+    p.add_argument("--memory-repeats", type=int, default=2)
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
