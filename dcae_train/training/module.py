@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -83,13 +82,13 @@ class AutoencoderModule(L.LightningModule):
         if is_fully_frozen(enc):
             with torch.no_grad():
                 z = self.model.encode(x)
-        elif hasattr(enc, "forward_body") and is_fully_frozen_body(enc):
+        elif is_fully_frozen_body(enc):
             with torch.no_grad():
                 h = enc.forward_body(x)
             z = enc.forward_head(h)
         else:
             z = self.model.encode(x)
-        if z.requires_grad or not hasattr(dec, "forward_body") or not is_fully_frozen_body(dec):
+        if z.requires_grad or not is_fully_frozen_body(dec):
             x_hat = self.model.decode(z)
         else:
             with torch.no_grad():
@@ -314,7 +313,3 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", keys, state["numpy"]["pos"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def phase_meta(phase: PhaseConfig) -> dict[str, Any]:
-    return asdict(phase)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -237,7 +237,7 @@ def build_run(cfg_in: DictConfig | TrainConfig) -> Run:
     model = build_model(cfg, paths["init_from"] if not paths["resume"] else None)
     loss = build_loss(cfg, phase)
     meta = {
-        "config": asdict(model.config) if hasattr(model.config, "__dataclass_fields__") else dict(model.config),
+        "config": model.config.to_dict(),
         "variant": cfg.model["variant"],
         "scaling_factor": float(model.scaling_factor),
         "phase": cfg.phase,
