@@ -1,11 +1,17 @@
 """Benchmark our DCAE against diffusers `AutoencoderDC`: training step (forward + backward) time and peak memory.
 
-Same config, same weights (copied into diffusers with strict=True), same input, same L1 loss. Iterations of
-the two models are interleaved in one loop (alternating which goes first), so machine load hits both equally;
-the table quotes medians and the ratio ours / diffusers (< 1 = ours is faster / smaller).
+Same config, same weights (copied into diffusers with strict=True), same input, same L1 loss; the table quotes
+medians and the ratio ours / diffusers (< 1 = ours is faster / smaller).
+
+On CPU each model is timed in its own fresh process, and the processes alternate (ours, diffusers, ours, ...)
+for `--rounds` rounds, so machine load hits both alike. Timing both models in one process is misleading on
+CPU: glibc hands freed blocks back to the OS, a step spends 20-30% of its time in first-touch page faults, and
+how many depends on what the *other* model left in the heap (measured: in-process interleaving made either
+model up to 10% slower depending on the order; the page-fault column shows the effect).
+On GPU the two are interleaved in one process (the caching allocator makes them independent).
 
     python scripts/bench_model.py                      # CPU: quarter-width sana-1.1, 256 px, batch 4; ckpt at 512
-    python scripts/bench_model.py --threads 1 --steps 7
+    python scripts/bench_model.py --rounds 4 --steps 3 --channels-last
     python scripts/bench_model.py --device cuda        # full sana-1.1, bf16 autocast, 256/512/1024 px
 
 CPU peak memory is the peak resident set size during one step minus the resident size before it, measured in
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -40,6 +47,7 @@ class Case:
     size: int
     batch: int
     gradient_checkpointing: bool = False
+    channels_last: bool = False
 
 
 # Models and one training step ---------------------------------------------------------------------------
@@ -58,7 +66,15 @@ def build_pair(case: Case, device: str, with_diffusers: bool = True) -> dict[str
         models["diffusers"] = ref
     if case.gradient_checkpointing:
         ours.set_gradient_checkpointing(True)
+    if case.channels_last:
+        models = {k: m.to(memory_format=torch.channels_last) for k, m in models.items()}
     return models
+
+
+def make_input(case: Case, device: str) -> torch.Tensor:
+    torch.manual_seed(1)
+    x = torch.rand(case.batch, 3, case.size, case.size, device=device) * 2 - 1
+    return x.contiguous(memory_format=torch.channels_last) if case.channels_last else x
 
 
 def make_step(model: torch.nn.Module, x: torch.Tensor, bf16: bool) -> Callable[[], None]:
@@ -136,13 +152,44 @@ def cpu_memory_in_child(case: Case, which: str, threads: int, repeats: int = 2) 
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def time_in_children(case: Case, args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    """Step times and page faults per step: each model in a fresh process, alternating, `args.rounds` rounds."""
+    res: dict[str, dict[str, list[float]]] = {k: {"times": [], "faults": []} for k in ("ours", "diffusers")}
+    for r in range(args.rounds):
+        order = ["ours", "diffusers"] if r % 2 == 0 else ["diffusers", "ours"]
+        for which in order:
+            spec = json.dumps({**case.__dict__, "which": which, "steps": args.steps, "warmup": args.warmup})
+            cmd = [sys.executable, __file__, "--time-child", spec, "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            got = json.loads(out.stdout.strip().splitlines()[-1])
+            res[which]["times"] += got["times"]
+            res[which]["faults"] += got["faults"]
+    return res
+
+
+def time_child(spec: str) -> None:
+    d = json.loads(spec)
+    which, n, warmup = d.pop("which"), d.pop("steps"), d.pop("warmup")
+    case = Case(**d)
+    models = build_pair(case, "cpu", with_diffusers=which == "diffusers")
+    step = make_step(models[which], make_input(case, "cpu"), bf16=False)
+    times, faults = [], []
+    for i in range(warmup + n):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0 = time.perf_counter()
+        step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    print(json.dumps({"times": times, "faults": faults}))
+
+
 def memory_child(spec: str) -> None:
     d = json.loads(spec)
     which, repeats = d.pop("which"), d.pop("repeats")
     case = Case(**d)
     models = build_pair(case, "cpu", with_diffusers=which == "diffusers")
-    x = torch.rand(case.batch, 3, case.size, case.size) * 2 - 1
-    print(cpu_peak_rss_mib(make_step(models[which], x, bf16=False), repeats))
+    print(cpu_peak_rss_mib(make_step(models[which], make_input(case, "cpu"), bf16=False), repeats))
 
 
 # Tables -------------------------------------------------------------------------------------------------
@@ -153,19 +200,21 @@ def row(label: str, ours: float, base: float, unit: str, fmt: str = "{:.3f}") ->
 def run_cpu(args: argparse.Namespace) -> None:
     if args.only_checkpointing:
         return run_cpu_checkpointing(args)
-    case = Case("train step", args.variant, args.width, args.size, args.batch)
-    models = build_pair(case, "cpu")
-    x = torch.rand(case.batch, 3, case.size, case.size) * 2 - 1
-    steps = {k: make_step(m, x, bf16=False) for k, m in models.items()}
-    times = time_interleaved(steps, args.steps, args.warmup, "cpu")
-    med = {k: statistics.median(v) for k, v in times.items()}
-    mem = {k: cpu_memory_in_child(case, k, args.threads, args.memory_repeats) for k in models}
-    title = f"{args.variant} x{args.width} width, {case.size} px, batch {case.batch}, fp32, {args.threads} thread(s)"
-    print(f"\n### CPU: {title}; median of {args.steps} interleaved steps\n")
+    case = Case("train step", args.variant, args.width, args.size, args.batch, channels_last=args.channels_last)
+    res = time_in_children(case, args)
+    med = {k: statistics.median(v["times"]) for k, v in res.items()}
+    flt = {k: statistics.median(v["faults"]) for k, v in res.items()}
+    mem = {k: cpu_memory_in_child(case, k, args.threads, args.memory_repeats) for k in res}
+    layout = "channels_last" if case.channels_last else "NCHW"
+    title = f"{args.variant} x{args.width} width, {case.size} px, batch {case.batch}, fp32, {layout}"
+    n = args.rounds * args.steps
+    print(f"\n### CPU ({args.threads} thread(s)): {title}; median of {n} steps, {args.rounds} fresh processes each\n")
     print("| fwd+bwd step | ours | diffusers | ours / diffusers |\n|---|---|---|---|")
     print(row("time", med["ours"], med["diffusers"], "s"))
     print(row("peak RSS growth", mem["ours"], mem["diffusers"], "MiB", "{:.0f}"))
-    print(f"\nall step times (s): ours {fmt_list(times['ours'])}; diffusers {fmt_list(times['diffusers'])}")
+    print(row("page faults / step", flt["ours"] / 1e3, flt["diffusers"] / 1e3, "k", "{:.0f}"))
+    ours_t, base_t = fmt_list(res["ours"]["times"]), fmt_list(res["diffusers"]["times"])
+    print(f"\nall step times (s): ours {ours_t}; diffusers {base_t}")
     if not args.skip_checkpointing:
         run_cpu_checkpointing(args)
 
@@ -231,17 +280,22 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--ckpt-size", type=int, default=512)
     p.add_argument("--ckpt-batch", type=int, default=1)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per process (CPU) or in total (GPU)")
+    p.add_argument("--rounds", type=int, default=3, help="CPU: fresh processes per model, alternating")
+    p.add_argument("--channels-last", action="store_true", help="both models and the input in channels_last")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--skip-checkpointing", action="store_true")
     p.add_argument("--only-checkpointing", action="store_true")
     p.add_argument("--memory-repeats", type=int, default=2)
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
+    p.add_argument("--time-child", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
         return memory_child(args.memory_child)
+    if args.time_child:
+        return time_child(args.time_child)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here; use --device cpu")

@@ -1,9 +1,11 @@
 """DC-AE building blocks: norms, ResBlock, EfficientViT block (multi-scale ReLU linear attention + GLUMBConv),
 and the residual-autoencoding down/up blocks with their parameter-free shortcuts.
 
-Layout is NCHW throughout. Submodule names equal the diffusers `AutoencoderDC` ones, so state_dict keys match
-key for key (`conv1`, `conv2`, `norm`, `attn.to_q`, `attn.to_qkv_multiscale.0.proj_in`, `conv_out.conv_inverted`,
-`conv`, ...). Facts: `/work/shared/reference/architecture.md` sections 2-2.1.
+Layout: NCHW in and out of ResBlocks unless the input is channels_last; EfficientViT blocks always run
+channels_last (norms and attention projections then work on the NHWC view, no layout copies).
+Submodule names equal the diffusers `AutoencoderDC` ones, so state_dict keys match key for key (`conv1`,
+`conv2`, `norm`, `attn.to_q`, `attn.to_qkv_multiscale.0.proj_in`, `conv_out.conv_inverted`, `conv`, ...).
+Facts: `/work/shared/reference/architecture.md` sections 2-2.1.
 """
 
 from __future__ import annotations
@@ -31,12 +33,23 @@ class RMSNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if _is_nhwc(x):  # channels_last: normalise the contiguous last dim of the NHWC view, stay channels_last
+            xf = F.rms_norm(x.float().movedim(1, -1), (x.shape[1],), None, self.eps)  # (B, H, W, C), fp32
+            w, b = self.weight, self.bias
+            if w.dtype in (torch.float16, torch.bfloat16):
+                return torch.addcmul(b, xf.to(w.dtype), w).movedim(-1, 1)
+            return torch.addcmul(b.float(), xf, w.float()).to(dtype).movedim(-1, 1)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.square().mean(dim=1, keepdim=True) + self.eps)  # (B, C, H, W), fp32
         w, b = self.weight[:, None, None], self.bias[:, None, None]
         if w.dtype in (torch.float16, torch.bfloat16):
             return torch.addcmul(b, xf.to(w.dtype), w)
         return torch.addcmul(b.float(), xf, w.float()).to(dtype)
+
+
+def _is_nhwc(x: torch.Tensor) -> bool:
+    """True for a channels_last tensor that is not also NCHW-contiguous (C > 1 and H * W > 1)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def build_norm(norm_type: str, num_channels: int) -> nn.Module:
@@ -112,12 +125,17 @@ class MultiscaleLinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
+        nhwc = _is_nhwc(x)  # channels_last in, channels_last out: project the NHWC view, no layout copies
         w_qkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3C, C): one matmul, not three
-        qkv = (w_qkv @ x.flatten(2)).view(B, 3 * C, H, W)  # per-pixel projection, (B, 3C, H, W) = [q | k | v]
+        # per-pixel projection, (B, 3C, H, W) = [q | k | v]
+        qkv = (x.movedim(1, -1) @ w_qkv.t()).movedim(-1, 1) if nhwc else (w_qkv @ x.flatten(2)).view(B, 3 * C, H, W)
         qkv = torch.cat([qkv, *(scale(qkv) for scale in self.to_qkv_multiscale)], dim=1)  # (B, 3C(1+S), H, W)
         qkv = qkv.reshape(B, -1, 3 * self.head_dim, H * W)  # (B, G, 3d, N): consecutive channel groups
         n_tokens = H * W  # linear form above head_dim tokens, the N x N form at or below (as published)
         out = self._attend(qkv, linear=n_tokens > self.head_dim)  # (B, G, d, N), input dtype
+        if nhwc:
+            out = (out.reshape(B, -1, H * W).transpose(1, 2) @ self.to_out.weight.t()).view(B, H, W, C)
+            return x + self.norm_out(out.movedim(-1, 1))  # channels_last
         out = self.to_out.weight @ out.reshape(B, -1, H * W)  # (B, C, N)
         return x + self.norm_out(out.view(B, C, H, W))
 
@@ -174,7 +192,9 @@ class EfficientViTBlock(nn.Module):
         self.conv_out = GLUMBConv(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(self.attn(x))
+        # channels_last inside: the 1x1, depthwise and grouped convs here run faster on NHWC (oneDNN, cuDNN); a
+        # no-op after the first block of a stage. diffusers ends up the same way (its RMSNorm permutes back).
+        return self.conv_out(self.attn(x.contiguous(memory_format=torch.channels_last)))
 
 
 def build_block(
