@@ -90,6 +90,32 @@ def test_nan_losses_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(tmp_p
     assert not (run / "FINISHED.json").exists()
 
 
+FUSED = ["phases.p1.optimizer.fused=true"]  # the CUDA default; CPU has the fused kernel too
+
+
+def test_nan_loss_fused_optimizer_skips_on_device_without_sync(tmp_path, monkeypatch):
+    """Fused AdamW: the non-finite step is skipped inside the kernel (found_inf), counted on the device and read
+    back later; the step still counts in global_step, the weights stay finite."""
+    monkeypatch.setenv("DCAE_TRAIN_FAULTS", "nan@2")
+    code = cli.main([f"runs_dir={tmp_path / 'runs'}", *SMOKE, *BASE, *FUSED])
+    assert code == 0
+    run = only_run(tmp_path / "runs")
+    final = torch.load(run / "checkpoints" / "final.ckpt", weights_only=True, map_location="cpu")
+    assert final["dcae"]["nonfinite_total"] == 1
+    assert final["global_step"] == 6
+    assert all(torch.isfinite(v).all() for v in final["state_dict"].values() if v.is_floating_point())
+    opt = final["optimizer_states"][0]["state"]
+    assert all(int(st["step"]) == 5 for st in opt.values()), "the skipped step does not advance AdamW's step"
+
+
+def test_nan_losses_in_a_row_stop_the_run_fused(tmp_path, monkeypatch):
+    monkeypatch.setenv("DCAE_TRAIN_FAULTS", "nan@2,nan@3,nan@4")
+    args = [f"runs_dir={tmp_path / 'runs'}", *SMOKE, *BASE, *FUSED, "trainer.max_nonfinite_steps=3"]
+    assert cli.main(args) == cli.EXIT_NONFINITE
+    run = only_run(tmp_path / "runs")
+    assert not (run / "FINISHED.json").exists()
+
+
 # (d) corrupt newest checkpoint ----------------------------------------------------------------------------
 def test_corrupt_newest_checkpoint_falls_back(tmp_path):
     run = tmp_path / "runs" / "quickstart" / "phase1" / "20260101-000000-000000"

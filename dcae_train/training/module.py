@@ -56,6 +56,8 @@ class AutoencoderModule(L.LightningModule):
         self.ema = EMA.make_copy(model) if self.ema_helper else None
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        self._nf_run: torch.Tensor | None = None  # fused optimizers: device-side counters, see _count_nonfinite
+        self._nf_new: torch.Tensor | None = None
         self._t_last: float | None = None
         self.inject_nan_loss = False  # set by the chaos-test FaultInjection callback only
 
@@ -126,10 +128,17 @@ class AutoencoderModule(L.LightningModule):
                 loss, self.inject_nan_loss = loss * float("nan"), False
             self.manual_backward(loss)
             grad_norm = _clip(opt_g, self.phase.optimizer.grad_clip)
-            if not self._finite(loss, grad_norm, logs, step):
+            if _fused(opt_g):  # no host sync: the fused kernel skips a non-finite step on the device
+                ok = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+                opt_g.optimizer.found_inf = (~ok).float()
+                opt_g.step()
+                opt_g.optimizer.found_inf = None
+                self._count_nonfinite(ok, step)
+            elif not self._finite(loss, grad_norm, logs, step):
                 opt_g.zero_grad(set_to_none=True)
                 return
-            opt_g.step()
+            else:
+                opt_g.step()
             opt_g.zero_grad(set_to_none=True)
         sched_g.step()
         logs["grad_norm"] = grad_norm.detach()
@@ -149,8 +158,12 @@ class AutoencoderModule(L.LightningModule):
                 return d_logs or {}
             self.manual_backward(d_loss)
             d_norm = _clip(opt_d, self.phase.disc_optimizer.grad_clip)
-            if torch.isfinite(d_norm) and torch.isfinite(d_loss):
-                # The raw optimizer: Lightning would count this step in global_step (see module docstring).
+            # The raw optimizer: Lightning would count this step in global_step (see module docstring).
+            if _fused(opt_d):  # skipped on the device when non-finite, no host sync
+                opt_d.optimizer.found_inf = (~(torch.isfinite(d_norm) & torch.isfinite(d_loss.detach()))).float()
+                opt_d.optimizer.step()
+                opt_d.optimizer.found_inf = None
+            elif torch.isfinite(d_norm) and torch.isfinite(d_loss):
                 opt_d.optimizer.step()
             opt_d.zero_grad(set_to_none=True)
         sched_d.step()
@@ -176,6 +189,37 @@ class AutoencoderModule(L.LightningModule):
             )
         self.print(f"warning: {msg}; step skipped ({self.nonfinite_in_a_row} in a row)")
         return False
+
+    def _count_nonfinite(self, ok: torch.Tensor, step: int) -> None:
+        """Fused optimizers: count skipped steps on the device; read the counts on the host only every
+        `min(log_every, max_nonfinite_steps)` steps (and when a checkpoint is saved), so the step never syncs.
+        A skipped step still counts in global_step (its batch is consumed; weights and moments are unchanged)."""
+        bad = (~ok).to(torch.int64)
+        if self._nf_run is None:
+            self._nf_run, self._nf_new = torch.zeros_like(bad), torch.zeros_like(bad)
+        self._nf_run = (self._nf_run + 1) * bad  # consecutive non-finite steps, 0 after a good one
+        self._nf_new += bad
+        if (step + 1) % max(1, min(self.phase.log_every, self.max_nonfinite_steps)) == 0:
+            self._flush_nonfinite(step, log=True)
+
+    def _flush_nonfinite(self, step: int, log: bool = False) -> None:
+        if self._nf_run is None:
+            return
+        new, run = int(self._nf_new.item()), int(self._nf_run.item())
+        self._nf_new.zero_()
+        if not new:
+            return
+        self.nonfinite_total += new
+        if log:
+            self.log("train/nonfinite_steps", float(self.nonfinite_total), on_step=True, batch_size=1)
+        msg = f"{new} non-finite loss/gradient step(s) skipped on the device up to step {step} ({run} in a row now)"
+        if run >= self.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{msg}: >= trainer.max_nonfinite_steps={self.max_nonfinite_steps} in a row; stopping. The last good "
+                "checkpoint is intact: resume=auto continues from it (lower the learning rate or enable "
+                "optimizer.grad_clip)."
+            )
+        self.print(f"warning: {msg}")
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -227,6 +271,7 @@ class AutoencoderModule(L.LightningModule):
         return sd
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._flush_nonfinite(int(self.global_step))
         checkpoint["dcae"] = dict(self.meta)
         checkpoint["dcae"]["step"] = int(self.global_step)
         checkpoint["dcae"]["nonfinite_total"] = int(self.nonfinite_total)
@@ -270,6 +315,11 @@ def _lr_lambda(cfg: OptimizerConfig, max_steps: int):
         return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * t))
 
     return factor
+
+
+def _fused(optimizer) -> bool:
+    """A fused torch optimizer (AdamW(fused=True)) takes `found_inf` and skips the update inside its kernel."""
+    return bool(getattr(optimizer, "optimizer", optimizer).defaults.get("fused"))
 
 
 def _clip(optimizer, max_norm: float | None) -> torch.Tensor:
