@@ -4,7 +4,9 @@
     python scripts/bench_tiling.py --device cuda        # GPU: full sana-1.1 for both parts
 
 (a) Seam error: max / mean |tiled - untiled| of encode (latent) and decode (image) at `--size-a` px
-    (default 1024), for both tilings at tile `--tile` (diffusers: its stride 448 px = tile - 64 px blend).
+    (default 1024), for both tilings at tile `--tile` (diffusers: its stride 448 px = tile - 64 px blend), and
+    the seam jump: the largest step of the decode error field between neighbouring pixels (what makes a seam
+    visible; a smooth error has none).
     Also where each max lies, and our max over the pixels that one of our tiles covers alone (there the tile's
     own error, from its missing context, is the result: blending and overlap cannot lower it).
 (b) Memory and time of a tiled decode of a `--size-b` px image (default 4096, a 128 x 128 latent), next to the
@@ -81,13 +83,21 @@ def seam_error(args) -> tuple[list[tuple[str, float, float, float, float]], list
         d = (a.float() - b.float()).abs()
         return d.max().item(), d.mean().item()
 
+    def jumps(a, b):
+        """Seam visibility: the largest step of the error field e = tiled - untiled between neighbouring pixels
+        (|e[y+1]-e[y]|, |e[x+1]-e[x]|). A hard tile edge shows as a jump; a smooth error field has none, however
+        large the error itself (the error's own size is the max/mean columns)."""
+        e = a.float() - b.float()
+        dy, dx = (e[:, :, 1:] - e[:, :, :-1]).abs(), (e[:, :, :, 1:] - e[:, :, :, :-1]).abs()
+        return max(dy.max().item(), dx.max().item()), (dy.mean().item() + dx.mean().item()) / 2
+
     rows = []
     zt = tiled_encode(ours, x, tile=args.tile, overlap=args.overlap)
     xt = tiled_decode(ours, z, tile=args.tile, overlap=args.overlap)
-    rows.append((f"ours (overlap {args.overlap} px)", *stats(zt, z), *stats(xt, x_hat)))
+    rows.append((f"ours (overlap {args.overlap} px)", *stats(zt, z), *stats(xt, x_hat), *jumps(xt, x_hat)))
     zd = theirs.encode(x).latent
     xd = theirs.decode(z).sample
-    rows.append((f"diffusers (blend {DIFFUSERS_BLEND} px)", *stats(zd, z), *stats(xd, x_hat)))
+    rows.append((f"diffusers (blend {DIFFUSERS_BLEND} px)", *stats(zd, z), *stats(xd, x_hat), *jumps(xd, x_hat)))
     notes, f = [], ours.spatial_compression_ratio
     for name, a, b, scale in (("encode", zt, z, 1), ("decode", xt, x_hat, f), ("diffusers decode", xd, x_hat, f)):
         err = (a.float() - b.float()).abs().amax(dim=(0, 1))  # (H, W)
@@ -205,14 +215,22 @@ def main() -> None:
     print(f"# bench_tiling: {VARIANT}, random weights, {dev}, {args.dtype}, tile {args.tile} px\n")
     if not args.skip_a:
         print(f"## (a) tiled vs untiled at {args.size_a} px, width x{args.width_a}\n")
-        print("| tiling | encode max abs diff | encode mean | decode max abs diff | decode mean |")
-        print("|---|---|---|---|---|")
-        rows, notes = seam_error(args)
-        for name, emax, emean, dmax, dmean in rows:
-            print(f"| {name} | {emax:.4f} | {emean:.5f} | {dmax:.4f} | {dmean:.5f} |")
         print(
-            f"\nratio ours/diffusers, decode mean: {rows[0][4] / rows[1][4]:.3f}; encode mean: "
-            f"{rows[0][2] / rows[1][2]:.3f}\n"
+            "| tiling | encode max abs diff | encode mean | decode max abs diff | decode mean "
+            "| decode seam jump max | seam jump mean |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        rows, notes = seam_error(args)
+        for name, emax, emean, dmax, dmean, jmax, jmean in rows:
+            print(f"| {name} | {emax:.4f} | {emean:.5f} | {dmax:.4f} | {dmean:.5f} | {jmax:.4f} | {jmean:.6f} |")
+        o, d = rows
+
+        def r(i: int) -> str:
+            return f"{o[i] / d[i]:.3f}" if d[i] else "-"
+
+        print(
+            f"\nratio ours/diffusers: decode mean {r(4)}, decode max {r(3)}, seam jump max {r(5)}, seam jump mean "
+            f"{r(6)}; encode mean {r(2)}, encode max {r(1)}\n"
         )
         print("\n".join(notes) + "\n")
     if not args.skip_b:
