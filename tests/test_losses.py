@@ -263,6 +263,28 @@ def test_generator_adaptive_weight_by_hand():
     assert logs["adaptive_weight"].item() == pytest.approx((gr.norm() / (gg.norm() + 1e-4)).item(), rel=1e-4)
 
 
+def test_single_backward_adaptive_loss_equals_textbook_gradients(gan_loss):
+    """generator_loss backpropagates LPIPS and D once each; lambda and every gradient equal the textbook
+    computation (grads at the last layer, then a backward of rec + gan * lambda * g)."""
+    torch.manual_seed(0)
+    body, head, x = nn.Conv2d(3, 3, 3, padding=1), TinyDecoderHead(), images()
+    params = [*body.parameters(), *head.parameters()]
+    loss, logs = gan_loss.generator_loss(x, head(body(x)), step=5, last_layer=head.conv.weight)
+    ours = torch.autograd.grad(loss, params)
+
+    x_hat = head(body(x))
+    rec, _ = gan_loss.reconstruction_loss(x, x_hat)
+    g = -gan_loss.discriminator(x_hat).mean()
+    lam = adaptive_weight(rec, g, head.conv.weight)
+    total = rec + 0.5 * lam * g
+    ref = torch.autograd.grad(total, params)
+    assert logs["adaptive_weight"].item() == pytest.approx(lam.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(total.item(), rel=1e-6)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert all(p.grad is None for p in gan_loss.discriminator.parameters())
+
+
 def test_fixed_gan_weight_and_missing_last_layer():
     x, head = images(), TinyDecoderHead()
     fixed = AutoencoderLoss(LossConfig(lpips=0.0, gan=0.1, adaptive_weight=False, disc=SMALL_DISC))

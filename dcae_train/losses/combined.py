@@ -200,11 +200,40 @@ class AutoencoderLoss(nn.Module):
         if self.gan_active(step):
             assert self.discriminator is not None
             g_loss = self._g_loss(self.discriminator(x_hat))  # D's parameters are frozen by the caller here
-            lam = self._adaptive_weight(loss, g_loss, last_layer)
-            loss = loss + self.config.gan * lam * g_loss
+            if self.config.adaptive_weight and x_hat.requires_grad and torch.is_grad_enabled():
+                loss, lam = self._adaptive_total(loss, g_loss, x_hat, last_layer)
+            else:
+                lam = self._adaptive_weight(loss, g_loss, last_layer)
+                loss = loss + self.config.gan * lam * g_loss
             logs.update(loss_gan=g_loss.detach(), adaptive_weight=lam, gan_weight=self.config.gan * lam)
         logs["loss_total"] = loss.detach()
         return loss, logs
+
+    def _adaptive_total(self, rec, g_loss, x_hat, last_layer):
+        """rec + gan * lambda * g_loss with LPIPS and D backpropagated once each, not twice.
+
+        The textbook adaptive weight takes d rec / d w and d g / d w at the last layer w (each a backward through
+        LPIPS or D) and then backpropagates the total loss (through LPIPS and D again). Here the two terms are
+        backpropagated to the image x_hat once (g_rec, g_gan); their last-layer gradients come from x_hat's own
+        (short) graph; and the returned loss has the value of the total but backpropagates
+        g_rec + gan * lambda * g_gan from x_hat. Same lambda, same gradients, one LPIPS and one D backward less.
+        """
+        if last_layer is None or not last_layer.requires_grad:
+            return None, self._adaptive_weight(rec, g_loss, last_layer)  # raises the explanatory error
+        g_rec, g_gan = (
+            _grad_or_zeros(t, x_hat, retain_graph=False) for t in (rec, g_loss)
+        )  # each subgraph is walked once, then freed
+        w_rec = _grad_or_zeros(x_hat, last_layer, grad_outputs=g_rec, retain_graph=True)
+        w_gan = _grad_or_zeros(x_hat, last_layer, grad_outputs=g_gan, retain_graph=True)
+        norm = torch.linalg.vector_norm
+        lam = (norm(w_rec, dtype=torch.float32) / (norm(w_gan, dtype=torch.float32) + 1e-4)).clamp(
+            0.0, self.config.max_adaptive_weight
+        )
+        lam = lam.detach()
+        coef = self.config.gan * lam
+        surrogate = (x_hat * (g_rec + coef.to(g_gan.dtype) * g_gan).to(x_hat.dtype)).float().sum()
+        value = (rec.detach() + coef * g_loss.detach()).float()
+        return surrogate - surrogate.detach() + value, lam
 
     def _adaptive_weight(self, rec: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor | None):
         """lambda (detached 0-dim fp32): the adaptive ratio, or 1 with adaptive_weight=false."""
@@ -233,3 +262,9 @@ class AutoencoderLoss(nn.Module):
         loss = self._d_loss(logits_real, logits_fake)
         logs = {"loss_disc": loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
         return loss, {k: v.detach() for k, v in logs.items()}
+
+
+def _grad_or_zeros(out, inp, *, grad_outputs=None, retain_graph: bool) -> torch.Tensor:
+    """d out / d inp (detached), zeros where `out` does not depend on `inp`."""
+    (g,) = torch.autograd.grad(out, inp, grad_outputs=grad_outputs, retain_graph=retain_graph, allow_unused=True)
+    return torch.zeros_like(inp) if g is None else g.detach()
