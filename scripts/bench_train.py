@@ -1,19 +1,20 @@
 """Training-step benchmark: our trainer against a plain PyTorch baseline, in one run, on the same inputs.
 
-For each case (phase, resolution) it times three things on the same seeded batches, interleaved batch by batch
-(ours -> baseline -> plain), so a busy machine slows all three alike, and reports medians:
+For each case (phase, resolution) it runs three configurations on the same seeded batches and reports medians:
 
   ours      `AutoencoderModule` driven by a Lightning `Trainer` (CSV logging on, EMA on, the recipe's phase:
             frozen prefixes without a graph, channels_last, bf16 autocast on GPU, fused AdamW on GPU, optional
-            torch.compile, activation checkpointing for phase 2 at >= 512 px)
+            torch.compile, activation checkpointing for phase 2 at >= 512 px); its time is the batch time end
+            to end (data fetch, Lightning, logging, EMA)
   plain     the same model, loss and optimizer logic as ours in a hand-written loop (no Lightning): the
             reference for Lightning and logging overhead
   baseline  diffusers `AutoencoderDC` (same config, same weights) + `lpips.LPIPS(net="vgg")` + torch AdamW in a
             hand-written fp32 loop, L1 + LPIPS, always the full model (phases 2/3 included)
 
-Peak memory is measured per configuration in its own child process (this script re-run with --child): on CUDA the
-allocator's `max_memory_allocated` (absolute: weights + optimizer + activations), on CPU the step's peak RSS
-(`ru_maxrss` after the steps minus the RSS before the first step; RSS is per process, so each config has one).
+Each configuration runs in its own fresh process (this script re-run with --child), `--rounds` times with the
+order rotating, so machine load and allocator state hit all three alike (see `time_case`). The same process
+measures the peak memory of a step: on CUDA the allocator's `max_memory_allocated` (absolute: weights +
+optimizer + activations), on CPU the peak RSS (VmHWM) above the RSS before the first step.
 LPIPS uses a random trunk everywhere (no downloads); timings do not depend on the trunk's values.
 
     python scripts/bench_train.py --quick                     # CPU, quarter-width sana-1.1, < 3 min
@@ -27,7 +28,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -103,9 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--compile", action="store_true", help="torch.compile ours and plain (compile time reported)")
     p.add_argument("--checkpoint-p2-from", type=int, default=512, help="phase 2 checkpointing from this resolution")
-    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-config child processes")
+    p.add_argument("--rounds", type=int, default=None, help="fresh processes per config (default 2; quick 1)")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak of the GPU for MFU")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one memory measurement
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one configuration's run
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -122,7 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.cases = parse_cases(args.cases or default_cases)
     args.steps = args.steps if args.steps is not None else (2 if args.quick else 5)
     args.warmup = args.warmup if args.warmup is not None else 1
-    for key in ("batch", "steps"):
+    args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
+    for key in ("batch", "steps", "rounds"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key}={getattr(args, key)} must be >= 1")
     if not 0 < args.width <= 1:
@@ -316,57 +317,102 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-# Timing: ours in Lightning, baseline and plain interleaved from a callback ---------------------------------
-def _callback_base():
-    import lightning as L
-
-    return L.Callback
-
-
-class Interleave(_callback_base()):
-    """After each Lightning batch: record ours' batch time (end to end, minus this callback's own time), then run
-    one baseline step and one plain step on the same batch, each timed."""
-
-    def __init__(self, others: dict[str, Any], device: str) -> None:
-        self.others = others
-        self.device = device
-        self.times: dict[str, list[float]] = {"ours": [], **{k: [] for k in others}}
-        self._t_end: float | None = None
-        self._t_start_fit: float | None = None
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        sync(self.device)
-        self._t_end = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        sync(self.device)
-        now = time.perf_counter()
-        self.times["ours"].append(now - self._t_end)
-        for name, runner in self.others.items():
-            t0 = time.perf_counter()
-            runner.step(batch["image"])
-            sync(self.device)
-            self.times[name].append(time.perf_counter() - t0)
-        self._t_end = time.perf_counter()
-
-
-def time_case(s: Settings, case: Case) -> dict[str, Any]:
-    model = build_dcae(s)
-    others = {"baseline": Baseline(s, model), "plain": Plain(s, case, model)}
-    module = build_ours(s, case, model)
-    n = s.warmup + s.steps
-    batches = make_batches(s, case, n)
-    cb = Interleave(others, s.device)
-    with tempfile.TemporaryDirectory() as log_dir:
-        trainer = make_trainer(s, n, [cb], log_dir)
-        trainer.fit(module, train_dataloaders=loader(batches, s.device))
+# Timing and memory: one fresh process per (case, configuration), alternating ------------------------------
+def time_case(s: Settings, case: Case, rounds: int) -> dict[str, Any]:
+    """Each configuration runs in its own child process (warm-up + timed steps, peak memory), `rounds` times, the
+    order rotating every round. In one process the configurations would share the allocator: on CPU a step
+    spends 20-30% of its time in first-touch page faults, and how many depends on what the previous
+    configuration left in the heap, which skews in-process comparisons by up to 10% either way."""
+    names = ["ours", "plain", "baseline"]
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in names}
+    for r in range(rounds):
+        for which in names[r % 3 :] + names[: r % 3]:
+            runs[which].append(run_child(s, case, which))
     out: dict[str, Any] = {}
-    for name, ts in cb.times.items():
-        timed = ts[s.warmup :]
+    for name, rs in runs.items():
+        timed = [t for run in rs for t in run["times"][s.warmup :]]
         med = statistics.median(timed)
-        out[name] = {"step_s": med, "images_s": s.batch / med, "first_s": ts[0], "all_s": ts}
-    out["flops"] = count_flops(s, case, model, batches[0]["image"])
+        out[name] = {"step_s": med, "images_s": s.batch / med, "first_s": rs[0]["times"][0], "all_s": timed}
+    out["memory"] = {
+        k: {"peak_gib": statistics.median(run["peak_gib"] for run in rs), "kind": rs[0]["kind"]}
+        for k, rs in runs.items()
+    }
+    model = build_dcae(s)
+    out["flops"] = count_flops(s, case, model, make_batches(s, case, 1)[0]["image"])
     return out
+
+
+def child_run(spec: dict[str, Any]) -> dict[str, Any]:
+    """In a fresh process: warm-up + timed steps of one configuration; step times and the step peak memory."""
+    s = Settings(**spec["settings"])
+    case = Case(**spec["case"])
+    which = spec["which"]
+    dev = torch.device(s.device)
+    model = build_dcae(s)
+    batches = make_batches(s, case, s.warmup + s.steps)
+    state: dict[str, Any] = {"times": []}
+
+    def start() -> None:
+        sync(dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        if dev.type == "cpu":  # reset the RSS high-water mark (VmHWM) to the current RSS (Linux)
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+        state["rss0"] = _rss_bytes()
+        state["t"] = time.perf_counter()
+
+    def lap() -> None:
+        sync(dev)
+        now = time.perf_counter()
+        state["times"].append(now - state["t"])
+        state["t"] = now
+
+    if which == "ours":
+        import lightning as L
+
+        class Timer(L.Callback):
+            """Batch time end to end (data fetch, Lightning, logging, EMA), from one batch end to the next."""
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                if batch_idx == 0:
+                    start()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+                lap()
+
+        module = build_ours(s, case, model)
+        del model
+        with tempfile.TemporaryDirectory() as log_dir:
+            trainer = make_trainer(s, len(batches), [Timer()], log_dir)
+            trainer.fit(module, train_dataloaders=loader(batches, s.device))
+    else:
+        runner = Baseline(s, model) if which == "baseline" else Plain(s, case, model)
+        del model
+        start()
+        for b in batches:
+            runner.step(b["image"])
+            lap()
+    if dev.type == "cuda":
+        return {
+            "times": state["times"],
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "kind": "cuda max_memory_allocated",
+        }
+    # VmHWM, not ru_maxrss: a child keeps its parent's ru_maxrss across fork + exec (measured: 8 GiB "peaks" for
+    # a 2 GiB step when the parent had just counted FLOPs of a 512 px step).
+    peak = _status_kib("VmHWM") * 1024
+    return {"times": state["times"], "peak_gib": (peak - state["rss0"]) / 2**30, "kind": "step peak RSS"}
+
+
+def run_child(s: Settings, case: Case, which: str) -> dict[str, Any]:
+    spec = json.dumps({"settings": asdict(s), "case": asdict(case), "which": which})
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", spec]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"child for {which} {case.name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
 
 
 def count_flops(s: Settings, case: Case, model: nn.Module, x: torch.Tensor) -> dict[str, float]:
@@ -386,60 +432,14 @@ def count_flops(s: Settings, case: Case, model: nn.Module, x: torch.Tensor) -> d
     return out
 
 
-# Memory: one child process per configuration ---------------------------------------------------------------
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def child_measure(spec: dict[str, Any]) -> dict[str, Any]:
-    s = Settings(**spec["settings"])
-    case = Case(**spec["case"])
-    which = spec["which"]
-    dev = torch.device(s.device)
-    model = build_dcae(s)
-    batches = make_batches(s, case, s.warmup + 2)
-    state: dict[str, Any] = {}
-
-    def start() -> None:
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        state["rss0"] = _rss_bytes()
-
-    if which == "ours":
-        import lightning as L
-
-        class Mark(L.Callback):
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-                if batch_idx == 0:
-                    start()
-
-        module = build_ours(s, case, model)
-        del model
-        with tempfile.TemporaryDirectory() as log_dir:
-            trainer = make_trainer(s, len(batches), [Mark()], log_dir)
-            trainer.fit(module, train_dataloaders=loader(batches, s.device))
-    else:
-        runner = Baseline(s, model) if which == "baseline" else Plain(s, case, model)
-        del model
-        start()
-        for b in batches:
-            runner.step(b["image"])
-        sync(dev)
-    if dev.type == "cuda":
-        return {"peak_gib": torch.cuda.max_memory_allocated() / 2**30, "kind": "cuda max_memory_allocated"}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_gib": (peak - state["rss0"]) / 2**30, "peak_rss_gib": peak / 2**30, "kind": "step peak RSS"}
-
-
-def measure_memory(s: Settings, case: Case, which: str) -> dict[str, Any]:
-    spec = json.dumps({"settings": asdict(s), "case": asdict(case), "which": which})
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", spec]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"memory child for {which} {case.name} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
 
 
 # Report -------------------------------------------------------------------------------------------------------
@@ -514,7 +514,7 @@ def machine_line(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
-        print(json.dumps(child_measure(json.loads(args.child))))
+        print(json.dumps(child_run(json.loads(args.child))))
         return
     import logging
 
@@ -522,15 +522,15 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore")
     s = settings_from(args)
     print(f"# bench_train: {s.variant} x{s.width} width, batch {s.batch}, {s.precision}, device {s.device}")
-    print(f"# {machine_line(args)}; {s.warmup} warm-up + {s.steps} timed steps per config, medians")
+    print(
+        f"# {machine_line(args)}; per config {args.rounds} fresh process(es) x ({s.warmup} warm-up + {s.steps} timed "
+        "steps), medians"
+    )
     t_all = time.perf_counter()
     results: dict[str, dict] = {}
     for case in args.cases:
         t0 = time.perf_counter()
-        r = time_case(s, case)
-        # --quick measures memory only where a criterion needs it (phase 2): each child costs a fresh import.
-        if args.memory and (case.phase == 2 or not args.quick):
-            r["memory"] = {w: measure_memory(s, case, w) for w in ("ours", "baseline")}
+        r = time_case(s, case, args.rounds)
         r["resolution"] = case.resolution
         results[case.name] = r
         med = {k: round(r[k]["step_s"], 3) for k in ("ours", "plain", "baseline")}

@@ -38,7 +38,6 @@ def test_one_step_all_configs(bench, capsys):
             "1@64,3@64",
             "--precision",
             "bf16-mixed",
-            "--no-memory",
         ]
     )
     out = capsys.readouterr().out
@@ -48,10 +47,12 @@ def test_one_step_all_configs(bench, capsys):
     assert "p3@64 ours / p1 ours step time" in out
 
 
-def test_memory_child_reports_peak(bench):
-    s = bench.Settings("tiny", 1.0, "cpu", "32", 1, 1, 0, True, False, 512)
-    spec = {"settings": bench.asdict(s), "case": {"phase": 2, "resolution": 64}, "which": "ours"}
-    out = bench.child_measure(spec)
+@pytest.mark.parametrize("which", ["ours", "plain", "baseline"])
+def test_child_reports_times_and_peak(bench, which):
+    s = bench.Settings("tiny", 1.0, "cpu", "32", 1, 2, 1, True, False, 512)
+    spec = {"settings": bench.asdict(s), "case": {"phase": 2, "resolution": 64}, "which": which}
+    out = bench.child_run(spec)
+    assert len(out["times"]) == 3 and all(t > 0 for t in out["times"])
     assert out["peak_gib"] >= 0 and out["kind"] == "step peak RSS"
 
 
