@@ -535,6 +535,8 @@ def main(argv: list[str] | None = None) -> None:
         results[case.name] = r
         med = {k: round(r[k]["step_s"], 3) for k in ("ours", "plain", "baseline")}
         print(f"# {case.name} done in {time.perf_counter() - t0:.0f}s: median step {med}", flush=True)
+        spread = "; ".join(f"{k} {' '.join(f'{t:.2f}' for t in r[k]['all_s'])}" for k in ("ours", "plain", "baseline"))
+        print(f"#   all timed steps (s): {spread}", flush=True)
     print()
     print(table(s, results, gpu_peak_tflops(args)))
     print()
