@@ -4,7 +4,8 @@
     python scripts/bench_tiling.py --device cuda        # GPU: full sana-1.1 for both parts
 
 (a) Seam error: max / mean |tiled - untiled| of encode (latent) and decode (image) at `--size-a` px
-    (default 1024), for both tilings at tile `--tile` (diffusers: its stride 448 px = tile - 64 px blend), and
+    (default 1024), for both tilings at tile `--tile` (diffusers: its stride 448 px = tile - 64 px blend; ours
+    with per-tile attention and with the whole image's attention sums, `global_attention`), and
     the seam jump: the largest step of the decode error field between neighbouring pixels (what makes a seam
     visible; a smooth error has none).
     Also where each max lies, and our max over the pixels that one of our tiles covers alone (there the tile's
@@ -92,14 +93,20 @@ def seam_error(args) -> tuple[list[tuple[str, float, float, float, float]], list
         return max(dy.max().item(), dx.max().item()), (dy.mean().item() + dx.mean().item()) / 2
 
     rows = []
-    zt = tiled_encode(ours, x, tile=args.tile, overlap=args.overlap)
-    xt = tiled_decode(ours, z, tile=args.tile, overlap=args.overlap)
-    rows.append((f"ours (overlap {args.overlap} px)", *stats(zt, z), *stats(xt, x_hat), *jumps(xt, x_hat)))
+    for g in (False, True):  # encode's default is False, decode's True
+        zt = tiled_encode(ours, x, tile=args.tile, overlap=args.overlap, global_attention=g)
+        xt = tiled_decode(ours, z, tile=args.tile, overlap=args.overlap, global_attention=g)
+        name = f"ours (overlap {args.overlap} px, {'global' if g else 'per-tile'} attention)"
+        rows.append((name, *stats(zt, z), *stats(xt, x_hat), *jumps(xt, x_hat)))
     zd = theirs.encode(x).latent
     xd = theirs.decode(z).sample
     rows.append((f"diffusers (blend {DIFFUSERS_BLEND} px)", *stats(zd, z), *stats(xd, x_hat), *jumps(xd, x_hat)))
     notes, f = [], ours.spatial_compression_ratio
-    for name, a, b, scale in (("encode", zt, z, 1), ("decode", xt, x_hat, f), ("diffusers decode", xd, x_hat, f)):
+    for name, a, b, scale in (
+        ("encode (global)", zt, z, 1),
+        ("decode (global)", xt, x_hat, f),
+        ("diffusers decode", xd, x_hat, f),
+    ):
         err = (a.float() - b.float()).abs().amax(dim=(0, 1))  # (H, W)
         y, x_ = divmod(int(err.argmax()), err.shape[1])
         line = f"{name}: max at (y, x) = ({y}, {x_}) of {tuple(err.shape)}"
@@ -223,14 +230,16 @@ def main() -> None:
         rows, notes = seam_error(args)
         for name, emax, emean, dmax, dmean, jmax, jmean in rows:
             print(f"| {name} | {emax:.4f} | {emean:.5f} | {dmax:.4f} | {dmean:.5f} | {jmax:.4f} | {jmean:.6f} |")
-        o, d = rows
+        local, glob, d = rows
 
-        def r(i: int) -> str:
+        def r(o, i: int) -> str:
             return f"{o[i] / d[i]:.3f}" if d[i] else "-"
 
         print(
-            f"\nratio ours/diffusers: decode mean {r(4)}, decode max {r(3)}, seam jump max {r(5)}, seam jump mean "
-            f"{r(6)}; encode mean {r(2)}, encode max {r(1)}\n"
+            f"\nratio ours/diffusers at the defaults (decode: global attention, encode: per-tile): decode mean "
+            f"{r(glob, 4)}, decode max {r(glob, 3)}, seam jump max {r(glob, 5)}, seam jump mean {r(glob, 6)}; "
+            f"encode mean {r(local, 2)}, encode max {r(local, 1)}. Encode with global attention: mean "
+            f"{r(glob, 2)}, max {r(glob, 1)}\n"
         )
         print("\n".join(notes) + "\n")
     if not args.skip_b:

@@ -72,17 +72,21 @@ class DCAE(nn.Module):
         """Decode a diffusion-model latent: decode(z / scaling_factor)."""
         return self.decode(z / self.scaling_factor)
 
-    def tiled_encode(self, x: torch.Tensor, tile: int | None = None, overlap: int | None = None) -> torch.Tensor:
+    def tiled_encode(
+        self, x: torch.Tensor, tile: int | None = None, overlap: int | None = None, global_attention: bool = False
+    ) -> torch.Tensor:
         """Encode any size in overlapping tiles (bounded memory); see `dcae_train.tiling.tiled_encode`."""
         from dcae_train import tiling
 
-        return tiling.tiled_encode(self, x, tile=tile, overlap=overlap)
+        return tiling.tiled_encode(self, x, tile=tile, overlap=overlap, global_attention=global_attention)
 
-    def tiled_decode(self, z: torch.Tensor, tile: int | None = None, overlap: int | None = None) -> torch.Tensor:
-        """Decode in overlapping latent tiles; see `dcae_train.tiling.tiled_decode`."""
+    def tiled_decode(
+        self, z: torch.Tensor, tile: int | None = None, overlap: int | None = None, global_attention: bool = True
+    ) -> torch.Tensor:
+        """Decode in overlapping latent tiles, attention over the whole latent; see `dcae_train.tiling`."""
         from dcae_train import tiling
 
-        return tiling.tiled_decode(self, z, tile=tile, overlap=overlap)
+        return tiling.tiled_decode(self, z, tile=tile, overlap=overlap, global_attention=global_attention)
 
     # Input checks (before any compute) -----------------------------------------------------------------
     def _check_image(self, x: torch.Tensor) -> None:

@@ -122,6 +122,8 @@ class MultiscaleLinearAttention(nn.Module):
         self.to_qkv_multiscale = nn.ModuleList(MultiscaleProjection(3 * channels, 3 * heads, k) for k in scales)
         self.to_out = nn.Linear(channels * (1 + len(scales)), channels, bias=False)
         self.norm_out = build_norm(norm_type, channels)
+        # Set only by `dcae_train.tiling` while it runs: attention over the whole image's sums, not the tile's.
+        self.tile_context: object | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -132,20 +134,25 @@ class MultiscaleLinearAttention(nn.Module):
         qkv = torch.cat([qkv, *(scale(qkv) for scale in self.to_qkv_multiscale)], dim=1)  # (B, 3C(1+S), H, W)
         qkv = qkv.reshape(B, -1, 3 * self.head_dim, H * W)  # (B, G, 3d, N): consecutive channel groups
         n_tokens = H * W  # linear form above head_dim tokens, the N x N form at or below (as published)
-        out = self._attend(qkv, linear=n_tokens > self.head_dim)  # (B, G, d, N), input dtype
+        out = self._attend(qkv, linear=n_tokens > self.head_dim, hw=(H, W))  # (B, G, d, N), input dtype
         if nhwc:
             out = (out.reshape(B, -1, H * W).transpose(1, 2) @ self.to_out.weight.t()).view(B, H, W, C)
             return x + self.norm_out(out.movedim(-1, 1))  # channels_last
         out = self.to_out.weight @ out.reshape(B, -1, H * W)  # (B, C, N)
         return x + self.norm_out(out.view(B, C, H, W))
 
-    def _attend(self, qkv: torch.Tensor, linear: bool) -> torch.Tensor:
+    def _attend(self, qkv: torch.Tensor, linear: bool, hw: tuple[int, int]) -> torch.Tensor:
         dtype = qkv.dtype
         # fp32 and autocast off: the eps of 1e-15 and the sums over N are meaningless in bf16/fp16.
         with torch.autocast(qkv.device.type, enabled=False):
             q, k, v = qkv.float().chunk(3, dim=2)  # each (B, G, d, N)
             q, k = F.relu(q), F.relu(k)
-            out = _linear_attention(q, k, v, self.eps) if linear else _quadratic_attention(q, k, v, self.eps)
+            if self.tile_context is not None:  # tiled encode/decode: the image's sums (dcae_train.tiling)
+                out = self.tile_context.attend(self, q, k, v, hw)  # type: ignore[attr-defined]
+            elif linear:
+                out = _linear_attention(q, k, v, self.eps)
+            else:
+                out = _quadratic_attention(q, k, v, self.eps)
         return out.to(dtype)
 
 
