@@ -210,6 +210,8 @@ def main() -> None:
     p.add_argument("--skip-b", action="store_true")
     p.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one CPU measurement
     args = p.parse_args()
+    if args.tile <= DIFFUSERS_BLEND:
+        p.error(f"--tile {args.tile}: must exceed diffusers' {DIFFUSERS_BLEND} px blend (its stride is tile - 64)")
     gpu = args.device.startswith("cuda")
     args.width_a = args.width_a or (1.0 if gpu else 0.25)
     args.width_b = args.width_b or (1.0 if gpu else 0.25)
