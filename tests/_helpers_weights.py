@@ -8,9 +8,13 @@ from dcae_train.models import DCAE, DCAEConfig
 
 
 def small_config(name: str) -> DCAEConfig:
-    """The debug variants as they are; released variants at 1/8 width (same key grammar, CPU-sized)."""
+    """The debug variants as they are; released variants at 1/8 width (same key grammar, CPU-sized). Where 1/8 of
+    the last encoder width is no longer a multiple of the latent channels (f128c512: 256 vs 512), the latent is
+    scaled too."""
     config = DCAEConfig.from_variant(name)
-    return config if name in ("tiny", "tiny-in") else config.scaled(0.125)
+    if name in ("tiny", "tiny-in"):
+        return config
+    return config.scaled(0.125, scale_latent=config.encoder_block_out_channels[-1] // 8 % config.latent_channels != 0)
 
 
 def random_model(config: DCAEConfig, seed: int = 0) -> DCAE:
