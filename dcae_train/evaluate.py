@@ -20,12 +20,16 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from dcae_train.evaluation.data import EvalData, eval_loader, resolve_data
 from dcae_train.evaluation.evaluator import ReconstructionEvaluator, evaluate_model
-from dcae_train.evaluation.extractors import LPIPSMetric, build_feature_extractor, extractor_id
+from dcae_train.evaluation.extractors import build_feature_extractor, extractor_id
 from dcae_train.evaluation.reference import load_reference, reference_path
 from dcae_train.evaluation.reports import markdown_table, save_worst_grid, write_json
+from dcae_train.losses.perceptual import LPIPS
+from dcae_train.models import DCAE, VARIANTS, build_model
+from dcae_train.weights import load_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -95,16 +99,12 @@ def setup_ranks(device_arg: str) -> Ranks:
 
 
 # Model --------------------------------------------------------------------------------------------------
-def load_eval_model(source: str, ema: bool, random_init: bool, seed: int = 0) -> nn.Module:
+def load_eval_model(source: str, ema: bool, random_init: bool, seed: int = 0) -> DCAE:
     if random_init:
-        from dcae_train.models import VARIANTS, build_model
-
         if source not in VARIANTS:
             raise ValueError(f"--random-init needs a variant name for --model, got {source!r}; one of {VARIANTS}")
         torch.manual_seed(seed)  # same random weights on every rank and every run
         return build_model(source)
-    from dcae_train.weights import load_model
-
     return load_model(source, ema=ema)
 
 
@@ -115,7 +115,7 @@ def build_metrics(args: argparse.Namespace) -> tuple[nn.Module | None, nn.Module
     lpips = None
     if args.lpips != "off":
         net = "alex" if args.lpips == "random" else args.lpips
-        lpips = LPIPSMetric(net, args.lpips_weights, random_trunk=args.lpips == "random", verify=verify)
+        lpips = LPIPS(net, pretrained=args.lpips != "random", path=args.lpips_weights, verify=verify)
     features = None
     if args.fid != "off":
         features = build_feature_extractor(args.fid, args.inception_weights, verify=verify)
@@ -155,8 +155,8 @@ def _rank_kw(ranks: Ranks) -> dict[str, int]:
     return {"rank": ranks.rank, "world_size": ranks.world_size}
 
 
-def _check_resolution(model: nn.Module, resolution: int) -> None:
-    f = int(getattr(model, "spatial_compression_ratio", 1))
+def _check_resolution(model: DCAE, resolution: int) -> None:
+    f = model.spatial_compression_ratio
     if resolution % f:
         raise ValueError(f"--resolution={resolution} must be a multiple of the model's spatial compression {f}")
 
@@ -164,8 +164,6 @@ def _check_resolution(model: nn.Module, resolution: int) -> None:
 def _progress(args: argparse.Namespace, ranks: Ranks, data: EvalData, quota: int | None):
     if args.no_progress or ranks.rank != 0:
         return None
-    from tqdm.auto import tqdm
-
     total = quota if quota is not None else (len(data.files) // ranks.world_size if data.kind == "folder" else None)
     return tqdm(total=total, unit="img", desc="evaluate", file=sys.stderr)
 
@@ -180,7 +178,7 @@ def _result(args, ranks, model, metrics, timing, features, ref_path, cached) -> 
         "resolution": args.resolution,
         "metrics": metrics,
         "latent": latent,
-        "model_scaling_factor": float(getattr(model, "scaling_factor", float("nan"))),
+        "model_scaling_factor": float(model.scaling_factor),
         "fid_features": extractor_id(features) if features is not None else None,
         "reference_stats": {"path": str(ref_path), "cached": cached} if ref_path else None,
         "throughput": {

@@ -10,7 +10,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-from dcae_train.evaluation.extractors import ALEXNET, LPIPSMetric, TinyFeatures, find_weights
+from dcae_train.evaluation.extractors import TinyFeatures
 from dcae_train.evaluation.metrics import (
     FeatureStats,
     fid_from_stats,
@@ -19,6 +19,8 @@ from dcae_train.evaluation.metrics import (
     ssim_per_image,
     to_uint8,
 )
+from dcae_train.losses import LPIPS
+from dcae_train.pretrained import ALEXNET, weight_file
 
 
 def _pair(b: int = 4, size: int = 64, noise: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +67,7 @@ def random_alexnet_home(tmp_path, monkeypatch):
 
 def test_lpips_matches_torchmetrics(random_alexnet_home):
     u, v = _pair()
-    ours = LPIPSMetric("alex", verify=False)(u.float() / 255, v.float() / 255).mean()
+    ours = LPIPS("alex", verify=False).distance(u.float() / 127.5 - 1, v.float() / 127.5 - 1).mean()
     tm = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
     ref = tm(v.float() / 255, u.float() / 255)
     assert abs(float(ours) - float(ref)) < 1e-4
@@ -74,12 +76,12 @@ def test_lpips_matches_torchmetrics(random_alexnet_home):
 def test_missing_weights_error_names_file_and_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"alexnet-owt-7be5be79\.pth.*hub/checkpoints"):
-        LPIPSMetric("alex")
+        LPIPS("alex")
 
 
 def test_wrong_weights_fail_the_checksum(random_alexnet_home):
     with pytest.raises(ValueError, match="SHA-256"):
-        find_weights(ALEXNET)
+        weight_file(ALEXNET)
 
 
 def test_fid_matches_torchmetrics_with_the_same_features():

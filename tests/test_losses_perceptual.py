@@ -1,4 +1,4 @@
-"""PerceptualLoss: frozen and deterministic, fp32 under bf16, parity with lpips, and the trunk policy (offline).
+"""LPIPS (the loss and the metric): frozen, deterministic, fp32 under bf16, parity with lpips, the trunk policy.
 
 The trunk-policy tests point TORCH_HOME at a temporary folder and replace torch.hub's downloader, so nothing here
 touches the network or the user's cache.
@@ -17,8 +17,9 @@ import pytest
 import torch
 import torchvision
 
-from dcae_train.losses import PerceptualLoss, trunk_file, unit_normalize
+from dcae_train.losses import LPIPS, LossConfig, unit_normalize
 from dcae_train.losses import perceptual as perceptual_mod
+from dcae_train.pretrained import WeightFile, hub_dir
 
 
 def images(b: int = 2, size: int = 32, seed: int = 1) -> torch.Tensor:
@@ -27,8 +28,8 @@ def images(b: int = 2, size: int = 32, seed: int = 1) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def vgg() -> PerceptualLoss:
-    return PerceptualLoss("vgg", pretrained=False)
+def vgg() -> LPIPS:
+    return LPIPS("vgg", pretrained=False)
 
 
 @pytest.fixture
@@ -88,9 +89,9 @@ def test_random_trunk_is_seeded_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
-    a = PerceptualLoss("alex", pretrained=False)
+    a = LPIPS("alex", pretrained=False)
     after = torch.rand(1)
-    b = PerceptualLoss("alex", pretrained=False)
+    b = LPIPS("alex", pretrained=False)
     assert torch.equal(before, after)  # building the loss does not shift the model's init randomness
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))  # same on all ranks
 
@@ -126,14 +127,14 @@ def test_fp32_under_bf16_autocast(vgg):
 
 
 def test_stays_fp32_when_a_trainer_casts_modules():
-    loss = PerceptualLoss("alex", pretrained=False).to(torch.bfloat16)
+    loss = LPIPS("alex", pretrained=False).to(torch.bfloat16)
     assert all(t.dtype == torch.float32 for t in (*loss.parameters(), *loss.buffers()))
     assert loss(images().bfloat16(), images(seed=3).bfloat16()).dtype == torch.float32
 
 
 def test_bad_inputs(vgg):
     with pytest.raises(ValueError, match="lpips_net='resnet'"):
-        PerceptualLoss("resnet", pretrained=False)
+        LossConfig(lpips_net="resnet")  # the rule lives in the config
     with pytest.raises(ValueError, match="same shape"):
         vgg(images(size=32), images(size=16))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
@@ -144,48 +145,49 @@ def test_bad_inputs(vgg):
 
 
 def test_trunk_file_follows_torch_home(offline_hub):
-    assert trunk_file("vgg") == offline_hub.checkpoints / "vgg16-397923af.pth"
-    assert trunk_file("alex") == offline_hub.checkpoints / "alexnet-owt-7be5be79.pth"
+    assert hub_dir() == offline_hub.checkpoints
+    assert perceptual_mod.TRUNKS["vgg"].names == ("vgg16-397923af.pth",)
+    assert perceptual_mod.TRUNKS["alex"].names == ("alexnet-owt-7be5be79.pth",)
 
 
 def test_pretrained_false_never_touches_the_network(offline_hub):
-    loss = PerceptualLoss("alex", pretrained=False)
+    loss = LPIPS("alex", pretrained=False)
     assert loss.pretrained is False and offline_hub.attempts == []
 
 
 def test_wrong_hash_is_an_error(offline_hub):
     offline_hub.checkpoints.mkdir(parents=True)
     torch.save({"features.0.weight": torch.randn(64, 3, 3, 3)}, offline_hub.checkpoints / "vgg16-397923af.pth")
-    with pytest.raises(RuntimeError, match=r"vgg16-397923af.pth are corrupt .* expected 397923af") as err:
-        PerceptualLoss("vgg", require_pretrained=False, allow_download=False)
+    with pytest.raises(ValueError, match=r"vgg16-397923af.pth is not the .* SHA-256 .* expected 397923af") as err:
+        LPIPS("vgg", require_pretrained=False, allow_download=False)
     assert "download.pytorch.org/models/vgg16-397923af.pth" in str(err.value)
     assert offline_hub.attempts == []
 
 
 def test_absent_and_download_disabled_is_an_error_naming_file_and_folder(offline_hub):
-    with pytest.raises(RuntimeError) as err:
-        PerceptualLoss("vgg", require_pretrained=True, allow_download=False)
+    with pytest.raises(FileNotFoundError) as err:
+        LPIPS("vgg", require_pretrained=True, allow_download=False)
     msg = str(err.value)
     assert "vgg16-397923af.pth" in msg and str(offline_hub.checkpoints) in msg
-    assert "downloading is disabled" in msg and "require_pretrained=False" in msg
+    assert "downloading is disabled" in msg and "perceptual.require_pretrained=false" in msg
     assert offline_hub.attempts == []
 
 
 def test_absent_and_offline_is_an_error(offline_hub):
-    with pytest.raises(RuntimeError, match=r"vgg16-397923af.pth in .*URLError"):
-        PerceptualLoss("vgg", require_pretrained=True, allow_download=True)
+    with pytest.raises(FileNotFoundError, match=r"vgg16-397923af.pth are not in .*URLError"):
+        LPIPS("vgg", require_pretrained=True, allow_download=True)
     assert offline_hub.attempts == ["https://download.pytorch.org/models/vgg16-397923af.pth"]
 
 
 def test_absent_not_required_warns_once_and_uses_a_random_trunk(offline_hub, caplog):
     with pytest.warns(RuntimeWarning, match="RANDOM alex trunk"):
-        first = PerceptualLoss("alex", require_pretrained=False, allow_download=True)
+        first = LPIPS("alex", require_pretrained=False, allow_download=True)
     assert first.pretrained is False
     assert "RANDOM alex trunk" in caplog.text
     caplog.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second warning would raise here
-        second = PerceptualLoss("alex", require_pretrained=False, allow_download=False)
+        second = LPIPS("alex", require_pretrained=False, allow_download=False)
     assert second.pretrained is False and caplog.text == ""
 
 
@@ -203,15 +205,16 @@ def _fake_alexnet_file(folder) -> tuple[str, dict[str, torch.Tensor], Path]:
 
 
 def _point_alex_at(monkeypatch, name: str) -> None:
-    fake = types.SimpleNamespace(url=f"https://download.pytorch.org/models/{name}")
-    monkeypatch.setitem(perceptual_mod.TRUNK_WEIGHTS, "alex", fake)
+    url = f"https://download.pytorch.org/models/{name}"
+    fake = WeightFile((name,), name.split("-")[-1][:8], url, "test AlexNet")
+    monkeypatch.setitem(perceptual_mod.TRUNKS, "alex", fake)
 
 
 def test_present_and_valid_trunk_is_loaded(offline_hub, monkeypatch):
     name, state, tmp = _fake_alexnet_file(offline_hub.checkpoints)
     tmp.rename(offline_hub.checkpoints / name)
     _point_alex_at(monkeypatch, name)
-    loss = PerceptualLoss("alex", require_pretrained=True, allow_download=False)
+    loss = LPIPS("alex", require_pretrained=True, allow_download=False)
     assert loss.pretrained is True and offline_hub.attempts == []
     assert torch.equal(getattr(loss.lpips.net.slice1, "0").weight, state["features.0.weight"])
     assert torch.equal(getattr(loss.lpips.net.slice5, "10").bias, state["features.10.bias"])
@@ -228,7 +231,7 @@ def test_successful_download_is_loaded(offline_hub, monkeypatch, tmp_path):
         tmp.replace(dst)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
-    loss = PerceptualLoss("alex", require_pretrained=True, allow_download=True)
+    loss = LPIPS("alex", require_pretrained=True, allow_download=True)
     assert loss.pretrained is True
     assert calls == [(f"https://download.pytorch.org/models/{name}", name.split("-")[-1][:8])]
     assert torch.equal(getattr(loss.lpips.net.slice3, "6").weight, state["features.6.weight"])

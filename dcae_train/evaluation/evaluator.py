@@ -19,6 +19,7 @@ from torch import nn
 from dcae_train.evaluation.latents import LatentAccumulator
 from dcae_train.evaluation.metrics import FeatureStats, check_images, fid_from_stats, psnr_per_image, ssim_per_image
 from dcae_train.evaluation.metrics import to_uint8 as quantise
+from dcae_train.losses.perceptual import LPIPS
 
 
 def _dist() -> bool:
@@ -36,13 +37,13 @@ class _Worst:
 class ReconstructionEvaluator:
     """Metric state for one model on one dataset.
 
-    lpips: an `LPIPSMetric` (or None to skip). features: an FID feature extractor (uint8 in, (B, d) out) or None.
+    lpips: an `LPIPS` (or None to skip). features: an FID feature extractor (uint8 in, (B, d) out) or None.
     reference: cached real-image feature statistics; when None they are accumulated from the batches.
     """
 
     def __init__(
         self,
-        lpips: nn.Module | None = None,
+        lpips: LPIPS | None = None,
         features: nn.Module | None = None,
         reference: FeatureStats | None = None,
         worst_k: int = 8,
@@ -67,8 +68,8 @@ class ReconstructionEvaluator:
         psnr = psnr_per_image(x_u8, x_hat_u8)
         self.psnr += psnr.tolist()
         self.ssim += ssim_per_image(x_u8, x_hat_u8).tolist()
-        if self.lpips is not None:
-            self.lpips_values += self.lpips(x_u8.float() / 255, x_hat_u8.float() / 255).tolist()
+        if self.lpips is not None:  # on the quantised images, mapped back to [-1, 1]
+            self.lpips_values += self.lpips.distance(x_hat_u8.float() / 127.5 - 1, x_u8.float() / 127.5 - 1).tolist()
         if self.features is not None:
             self._update_features(x_u8, x_hat_u8)
         if z is not None:

@@ -1,9 +1,10 @@
-"""Reconstruction metrics of the official DC-AE protocol (architecture.md section 6), as plain functions.
+"""Reconstruction metrics of the official DC-AE protocol (docs/evaluation.md), as plain functions.
 
 Every metric works on uint8-quantised images: both the reference and the reconstruction are rounded to
 uint8 first, exactly as the authors' evaluator does, so a model is never rewarded for sub-quantum detail.
-PSNR and SSIM are computed here; LPIPS and Inception features come from `extractors.py`; the Fréchet
-distance between two feature Gaussians is `frechet_distance`.
+`to_uint8` is the package's one quantiser (the training grids and validation PSNR use it too). SSIM is
+torchmetrics'; PSNR is ours (see `psnr_per_image`); LPIPS is `dcae_train.losses.LPIPS`, Inception features come
+from `extractors.py`; the Fréchet distance between two feature Gaussians is `frechet_distance`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 import torch
-import torch.nn.functional as F
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 # PSNR of a perfect reconstruction is infinite; clamping the MSE keeps means finite (148 dB cap).
 _MIN_MSE = 1e-10
@@ -34,49 +35,25 @@ def check_images(x: torch.Tensor, name: str) -> None:
 
 # PSNR ---------------------------------------------------------------------------------------------------
 def psnr_per_image(x_u8: torch.Tensor, x_hat_u8: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) uint8 pairs -> (B,) PSNR in dB, 10 * log10(255^2 / MSE) per image."""
+    """(B, 3, H, W) uint8 pairs -> (B,) PSNR in dB, 10 * log10(255^2 / MSE) per image, in float64.
+
+    Hand-written rather than torchmetrics': a perfect reconstruction gives torchmetrics an infinite PSNR, and one
+    such image makes a dataset mean infinite; the MSE floor here caps it at 148 dB."""
     diff = x_u8.to(torch.float64) - x_hat_u8.to(torch.float64)
     mse = diff.pow(2).mean(dim=(1, 2, 3)).clamp_min(_MIN_MSE)  # (B,)
     return (10.0 * torch.log10(255.0**2 / mse)).float()
 
 
 # SSIM ---------------------------------------------------------------------------------------------------
-def _gaussian_1d(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # torchmetrics' default: the Gaussian window spans 3.5 sigma each side (11 taps for sigma = 1.5).
-    size = int(3.5 * sigma + 0.5) * 2 + 1
-    t = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
-    g = torch.exp(-0.5 * (t / sigma) ** 2)
-    return g / g.sum()
-
-
-def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur, per channel, 'valid' (the caller pads). (N, C, H, W) -> (N, C, H-k+1, W-k+1)."""
-    c, k = x.shape[1], g.numel()
-    x = F.conv2d(x, g.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)
-    return F.conv2d(x, g.view(1, 1, 1, k).expand(c, 1, 1, k), groups=c)
-
-
-def ssim_per_image(x_u8: torch.Tensor, x_hat_u8: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
-    """(B, 3, H, W) uint8 pairs -> (B,) SSIM with data range 255, k1 = 0.01, k2 = 0.03.
-
-    Same definition as torchmetrics' `StructuralSimilarityIndexMeasure(data_range=(0, 255))` defaults (the
-    official protocol): reflect padding by half the window, so the SSIM map covers every pixel, then the
-    mean over the map.
-    """
-    x, y = x_u8.double(), x_hat_u8.double()  # float64: the variances are small differences of large sums
-    g = _gaussian_1d(sigma, x.dtype, x.device)
-    pad = (g.numel() - 1) // 2
-    if min(x.shape[-2:]) <= pad:
-        raise ValueError(f"images of size {tuple(x.shape[-2:])} are too small for SSIM (need > {pad} px per side)")
-    x, y = (F.pad(t, (pad, pad, pad, pad), mode="reflect") for t in (x, y))
-    b = x.shape[0]
-    mu_x, mu_y, e_xx, e_yy, e_xy = _blur(torch.cat([x, y, x * x, y * y, x * y]), g).split(b)
-    var_x = (e_xx - mu_x**2).clamp_min(0)
-    var_y = (e_yy - mu_y**2).clamp_min(0)
-    cov = e_xy - mu_x * mu_y
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return ssim_map.mean(dim=(1, 2, 3)).float()
+def ssim_per_image(x_u8: torch.Tensor, x_hat_u8: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 pairs -> (B,) SSIM: torchmetrics with data range 255 and its defaults (Gaussian
+    window sigma 1.5, k1 0.01, k2 0.03) on float32 copies of the uint8 images, as the official evaluator."""
+    pad = 5  # half the 11-tap window: torchmetrics reflect-pads by it
+    if min(x_u8.shape[-2:]) <= pad:
+        raise ValueError(f"images of size {tuple(x_u8.shape[-2:])} are too small for SSIM (need > {pad} px per side)")
+    return structural_similarity_index_measure(
+        x_hat_u8.float(), x_u8.float(), data_range=(0.0, 255.0), reduction="none"
+    )
 
 
 # Fréchet distance ---------------------------------------------------------------------------------------
