@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     n = sum(p.numel() for p in model.parameters())
     sf = model.config.scaling_factor if args.scaling_factor is None else args.scaling_factor
-    name = getattr(model, "variant", None) or "custom"
+    name = model.variant or "custom"
     print(
         f"wrote {args.format} {args.dtype} weights of {name} ({n / 1e6:.1f}M parameters, scaling_factor={sf}) to {out}"
     )

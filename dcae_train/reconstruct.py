@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from dcae_train.evaluation.metrics import psnr_per_image, to_uint8
-from dcae_train.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, tiled_decode, tiled_encode
+from dcae_train.models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, tiled_decode, tiled_encode
 from dcae_train.weights import WeightsError, load_model
 
 CAPTION_PX = 24

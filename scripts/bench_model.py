@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dcae_train.models import DCAE, DCAEConfig
+from dcae_train.models import DCAE, variant_config
 
 MIB = 2**20
 
@@ -54,7 +54,7 @@ class Case:
 def build_pair(case: Case, device: str, with_diffusers: bool = True) -> dict[str, torch.nn.Module]:
     from diffusers import AutoencoderDC
 
-    config = DCAEConfig.from_variant(case.variant)
+    config = variant_config(case.variant)
     if case.width != 1.0:
         config = config.scaled(case.width)
     torch.manual_seed(0)

@@ -32,8 +32,8 @@ import time
 
 import torch
 
-from dcae_train.models import DCAE, DCAEConfig
-from dcae_train.tiling import DEFAULT_OVERLAP, _starts, tiled_decode, tiled_encode
+from dcae_train.models import DCAE, variant_config
+from dcae_train.models.tiling import DEFAULT_OVERLAP, _starts, tiled_decode, tiled_encode
 
 VARIANT = "dc-ae-f32c32-sana-1.1"
 DIFFUSERS_BLEND = 64  # px: diffusers' default tile 512 / stride 448
@@ -44,7 +44,7 @@ def build_pair(width: float, device: str, dtype: torch.dtype):
     from diffusers import AutoencoderDC
 
     torch.manual_seed(0)
-    config = DCAEConfig.from_variant(VARIANT)
+    config = variant_config(VARIANT)
     config = config if width == 1 else config.scaled(width)
     ours = DCAE(config).eval()
     theirs = AutoencoderDC(**config.to_diffusers_config()).eval()

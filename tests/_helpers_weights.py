@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from dcae_train.models import DCAE, DCAEConfig
+from dcae_train.models import DCAE, DCAEConfig, variant_config
 
 
 def small_config(name: str) -> DCAEConfig:
     """The debug variants as they are; released variants at 1/8 width (same key grammar, CPU-sized). Where 1/8 of
     the last encoder width is no longer a multiple of the latent channels (f128c512: 256 vs 512), the latent is
     scaled too."""
-    config = DCAEConfig.from_variant(name)
+    config = variant_config(name)
     if name in ("tiny", "tiny-in"):
         return config
     return config.scaled(0.125, scale_latent=config.encoder_block_out_channels[-1] // 8 % config.latent_channels != 0)

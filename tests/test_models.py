@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import fnmatch
 import io
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from _helpers_models import FAMILY_WIDTHS, PUBLISHED_PARAMS, diffusers_model, randomise_batchnorm, rel_err, twin_pair
 
-from dcae_train.models import DCAE, RELEASED_VARIANTS, VARIANTS, DCAEConfig, build_model
+from dcae_train.config import compose, to_config
+from dcae_train.models import DCAE, RELEASED_VARIANTS, VARIANTS, DCAEConfig, ModelConfig, build_model, variant_config
 from dcae_train.models.blocks import _linear_attention, _quadratic_attention
 
-CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
 TOL = 1e-5  # fp32, relative to the output scale
 
 
@@ -30,7 +28,7 @@ def _one_thread():
 
 
 def family_config(name: str) -> DCAEConfig:
-    return DCAEConfig.from_variant(name).scaled(FAMILY_WIDTHS[name], scale_latent=True)
+    return variant_config(name).scaled(FAMILY_WIDTHS[name], scale_latent=True)
 
 
 # Registry and keys ------------------------------------------------------------------------------------------
@@ -38,13 +36,13 @@ def test_registry_names():
     assert set(RELEASED_VARIANTS) == set(PUBLISHED_PARAMS)
     assert set(VARIANTS) == set(RELEASED_VARIANTS) | {"tiny", "tiny-in"}
     with pytest.raises(ValueError, match="unknown DC-AE variant 'sana'.*dc-ae-f32c32-sana-1.1"):
-        DCAEConfig.from_variant("sana")
-    assert DCAEConfig.from_variant("f32c32-in-1.0") == DCAEConfig.from_variant("dc-ae-f32c32-in-1.0")
+        variant_config("sana")
+    assert variant_config("f32c32-in-1.0") == variant_config("dc-ae-f32c32-in-1.0")
 
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_keys_and_shapes_equal_diffusers_on_meta(name):
-    config = DCAEConfig.from_variant(name)
+    config = variant_config(name)
     with torch.device("meta"):
         ours, ref = DCAE(config), diffusers_model(config)
     ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
@@ -62,7 +60,7 @@ def test_keys_and_shapes_equal_diffusers_on_meta(name):
 @pytest.mark.parametrize("name", VARIANTS)
 def test_phase_globs_select_the_documented_modules(name):
     with torch.device("meta"):
-        names = [n for n, _ in DCAE(DCAEConfig.from_variant(name)).named_parameters()]
+        names = [n for n, _ in DCAE(variant_config(name)).named_parameters()]
     phase2 = [n for n in names if fnmatch.fnmatch(n, "encoder.conv_out.*") or fnmatch.fnmatch(n, "decoder.conv_in.*")]
     phase3 = [n for n in names if fnmatch.fnmatch(n, "decoder.norm_out.*") or fnmatch.fnmatch(n, "decoder.conv_out.*")]
     assert phase2 == [f"{m}.{p}" for m in ("encoder.conv_out", "decoder.conv_in") for p in ("weight", "bias")]
@@ -98,7 +96,7 @@ def test_batchnorm_is_randomised_in_in_style_decoders():
 
 def test_train_mode_batchnorm_matches_diffusers():
     """Training uses batch statistics and updates the running ones, exactly as diffusers does."""
-    ref, ours = twin_pair(DCAEConfig.from_variant("tiny-in"))
+    ref, ours = twin_pair(variant_config("tiny-in"))
     ref.train(), ours.train()
     x = torch.rand(2, 3, 32, 48) * 2 - 1
     y_ref, y = ref(x).sample, ours(x)
@@ -115,7 +113,7 @@ def test_linear_and_quadratic_attention_agree():
 # Config -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", VARIANTS)
 def test_config_round_trips(name):
-    config = DCAEConfig.from_variant(name)
+    config = variant_config(name)
     d = config.to_diffusers_config()
     assert len(d) == 19
     hub = {"_class_name": "AutoencoderDC", "_diffusers_version": "0.40.0", **d}
@@ -128,11 +126,11 @@ def test_config_round_trips(name):
 
 
 def test_config_reads_diffusers_spellings():
-    hub_sana = DCAEConfig.from_variant("dc-ae-f32c32-sana-1.0").to_diffusers_config()
+    hub_sana = variant_config("dc-ae-f32c32-sana-1.0").to_diffusers_config()
     hub_sana.update(downsample_block_type="Conv", decoder_act_fns="swish")  # as on the Hub / aliases
     for k in ("encoder_out_shortcut", "decoder_in_shortcut", "decoder_conv_act_fn"):
         hub_sana.pop(k)  # configs before diffusers 0.35 lack them
-    assert DCAEConfig.from_diffusers_config(hub_sana) == DCAEConfig.from_variant("dc-ae-f32c32-sana-1.0")
+    assert DCAEConfig.from_diffusers_config(hub_sana) == variant_config("dc-ae-f32c32-sana-1.0")
     assert DCAEConfig() == DCAEConfig.from_diffusers_config({})  # diffusers defaults
 
 
@@ -150,32 +148,31 @@ def test_config_reads_diffusers_spellings():
     ],
 )
 def test_config_errors_name_the_key(changes, match):
-    d = {**DCAEConfig.from_variant("dc-ae-f32c32-sana-1.0").to_diffusers_config(), **changes}
+    d = {**variant_config("dc-ae-f32c32-sana-1.0").to_diffusers_config(), **changes}
     with pytest.raises(ValueError, match=match):
         DCAEConfig.from_diffusers_config(d)
 
 
 def test_scaled_multiplies_every_width():
-    c = DCAEConfig.from_variant("dc-ae-f32c32-sana-1.1").scaled(0.25)
+    c = variant_config("dc-ae-f32c32-sana-1.1").scaled(0.25)
     assert c.encoder_block_out_channels == c.decoder_block_out_channels == (32, 64, 128, 128, 256, 256)
     assert c.latent_channels == 32 and c.scaling_factor == 0.41407
     with pytest.raises(ValueError, match="multiple of attention_head_dim"):
-        DCAEConfig.from_variant("tiny").scaled(0.25)  # attention stages at 16 channels
+        variant_config("tiny").scaled(0.25)  # attention stages at 16 channels
     with pytest.raises(ValueError, match="do not scale to whole numbers"):
-        DCAEConfig.from_variant("dc-ae-f32c32-sana-1.1").scaled(0.1)
-    small = DCAEConfig.from_variant("dc-ae-f128c512-in-1.0").scaled(0.125, scale_latent=True)
+        variant_config("dc-ae-f32c32-sana-1.1").scaled(0.1)
+    small = variant_config("dc-ae-f128c512-in-1.0").scaled(0.125, scale_latent=True)
     assert small.latent_channels == 64 and small.encoder_block_out_channels[-1] == 256
     with pytest.raises(ValueError, match="width must be > 0"):
         c.scaled(0)
 
 
-@pytest.mark.parametrize("name", [*VARIANTS, "default"])
-def test_hydra_model_yaml(name):
-    node = yaml.safe_load((CONF_MODEL / f"{name}.yaml").read_text())
-    assert set(node) == {"variant", "gradient_checkpointing", "channels_last", "compile"}
-    assert node["variant"] in VARIANTS
-    assert node["variant"] == (name if name != "default" else "tiny")
-    assert not any(node[k] for k in ("gradient_checkpointing", "channels_last", "compile"))
+def test_model_config_selects_every_variant():
+    assert to_config(compose(["model=tiny-in"])).model == ModelConfig(variant="tiny-in")  # = model.variant=tiny-in
+    for name in VARIANTS:
+        assert ModelConfig(variant=name).spatial_compression == variant_config(name).spatial_compression_ratio
+    with pytest.raises(ValueError, match="model.variant='sana': use one of"):
+        to_config(compose(["model=sana"]))
 
 
 # API --------------------------------------------------------------------------------------------------------
@@ -188,7 +185,7 @@ def test_api_shapes_and_scaling():
         assert z.shape == (2, 8, 8, 6)
         assert model.decode(z).shape == x.shape
         torch.testing.assert_close(model(x), model.decode(z))
-    assert DCAEConfig.from_variant("dc-ae-f32c32-sana-1.1").scaling_factor == 0.41407
+    assert variant_config("dc-ae-f32c32-sana-1.1").scaling_factor == 0.41407
     model = DCAE(model.config.replace(scaling_factor=0.41407)).eval()
     assert model.scaling_factor == 0.41407
     with torch.no_grad():
@@ -237,7 +234,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
 
 
 def test_gradient_checkpointing_from_config_and_frozen_parts():
-    model = DCAE(DCAEConfig.from_variant("tiny").replace(gradient_checkpointing=True)).train()
+    model = DCAE(variant_config("tiny").replace(gradient_checkpointing=True)).train()
     assert all(s.gradient_checkpointing for s in model.encoder.down_blocks)
     model.encoder.requires_grad_(False)  # phase-2/3 style: frozen encoder, input without grad
     loss = model(torch.rand(1, 3, 32, 32) * 2 - 1).mean()

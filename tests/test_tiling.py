@@ -9,7 +9,7 @@ from torch import nn
 
 from dcae_train.models import build_model
 from dcae_train.models.blocks import MultiscaleLinearAttention
-from dcae_train.tiling import tiled_decode, tiled_encode
+from dcae_train.models.tiling import tiled_decode, tiled_encode
 
 
 class LocalAE:

@@ -12,7 +12,7 @@ import torch
 from _helpers_weights import diffusers_twin, max_output_diff, random_model, small_config
 from safetensors.torch import load_file, save_file
 
-from dcae_train.models import DCAE, DCAEConfig
+from dcae_train.models import DCAE, variant_config
 from dcae_train.weights import (
     WeightsError,
     diffusers_to_original,
@@ -21,6 +21,7 @@ from dcae_train.weights import (
     load_model,
     original_to_diffusers,
 )
+from dcae_train.weights.checkpoint import CheckpointMeta
 
 DIFFUSERS_CONVERTIBLE = ["tiny", "tiny-in", "dc-ae-f32c32-sana-1.1", "dc-ae-f32c32-in-1.0", "dc-ae-f64c128-in-1.0"]
 
@@ -38,7 +39,7 @@ DIFFUSERS_CONVERTIBLE = ["tiny", "tiny-in", "dc-ae-f32c32-sana-1.1", "dc-ae-f32c
 )
 def test_full_size_key_counts_and_round_trip(name, n_diffusers, n_original):
     """Counts from architecture.md section 1; meta tensors, so full size costs nothing."""
-    config = DCAEConfig.from_variant(name)
+    config = variant_config(name)
     with torch.device("meta"):
         sd = DCAE(config).state_dict()
     original = diffusers_to_original(sd, config)
@@ -77,7 +78,7 @@ def test_lite_conversion_is_right_where_diffusers_converter_is_not():
 
 
 def test_qkv_split_is_consecutive_thirds_and_every_multiscale_index_maps():
-    config = DCAEConfig.from_variant("tiny").replace(
+    config = variant_config("tiny").replace(
         encoder_qkv_multiscales=((), (), (3, 5), (5,)), decoder_qkv_multiscales=((), (), (5,), (3, 5))
     )
     sd = random_model(config).state_dict()
@@ -208,15 +209,9 @@ def _training_checkpoint(path: Path, ema: bool = True) -> tuple[DCAE, DCAE]:
     if ema:
         state |= {f"ema.{k}": v for k, v in avg.state_dict().items()}
     state["loss.discriminator.conv.weight"] = torch.zeros(1)
-    meta = {
-        "config": raw.config.to_dict(),
-        "variant": "tiny",
-        "scaling_factor": 0.77,
-        "phase": 2,
-        "recipe": "quickstart",
-        "parent": None,
-    }
-    torch.save({"state_dict": state, "dcae": meta, "global_step": 5}, path)
+    meta = CheckpointMeta(raw.config.to_dict(), "tiny", 0.77, phase=2, recipe="quickstart", parent=None,
+                          lpips_pretrained=True)  # fmt: skip
+    torch.save({"state_dict": state, "dcae": meta.to_dict(), "global_step": 5}, path)
     return raw, avg
 
 

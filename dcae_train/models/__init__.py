@@ -1,15 +1,16 @@
 """The DC-AE model zoo: architecture only, state_dict-identical to diffusers `AutoencoderDC`.
 
-    from dcae_train.models import DCAE, DCAEConfig, VARIANTS, build_model
+    from dcae_train.models import DCAE, DCAEConfig, VARIANTS, build_model, variant_config
     model = build_model("dc-ae-f32c32-sana-1.1")       # or "tiny", or build_model(DCAEConfig(...))
     z = model.encode(x)                                # x: (B, 3, H, W) in [-1, 1] -> (B, 32, H/32, W/32)
     x_hat = model.decode(z)
     z_diff = model.encode_scaled(x)                    # = encode(x) * model.scaling_factor (diffusion latents)
     x_hat = model.decode_scaled(z_diff)                # = decode(z_diff / model.scaling_factor)
 
-Files: `config.py` (DCAEConfig), `variants.py` (VARIANTS), `blocks.py` (norms, ResBlock, EfficientViT block,
-down/up blocks and shortcuts), `encoder.py`, `decoder.py`, `autoencoder.py` (DCAE, build_model),
-`checkpointing.py` (per-block activation checkpointing, BatchNorm-safe).
+Files: `config.py` (DCAEConfig), `variants.py` (VARIANTS), `options.py` (ModelConfig: the run's `model:` node),
+`blocks.py` (norms, ResBlock, EfficientViT block, down/up blocks and shortcuts), `encoder.py`, `decoder.py`,
+`autoencoder.py` (DCAE, build_model), `checkpointing.py` (per-block activation checkpointing, BatchNorm-safe),
+`tiling.py` (tiled encode/decode with whole-image attention). Facts: docs/architecture.md.
 
 Stable module names (= diffusers keys; the training phases select parameters by these globs):
 
@@ -31,6 +32,16 @@ Phase 2 (latent adaptation) = `encoder.conv_out.*`, `decoder.conv_in.*`; phase 3
 
 from dcae_train.models.autoencoder import DCAE, build_model
 from dcae_train.models.config import DCAEConfig
-from dcae_train.models.variants import HF_REPOS, RELEASED_VARIANTS, VARIANTS
+from dcae_train.models.options import ModelConfig
+from dcae_train.models.variants import HF_REPOS, RELEASED_VARIANTS, VARIANTS, variant_config
 
-__all__ = ["DCAE", "DCAEConfig", "build_model", "VARIANTS", "RELEASED_VARIANTS", "HF_REPOS"]
+__all__ = [
+    "DCAE",
+    "DCAEConfig",
+    "HF_REPOS",
+    "ModelConfig",
+    "RELEASED_VARIANTS",
+    "VARIANTS",
+    "build_model",
+    "variant_config",
+]

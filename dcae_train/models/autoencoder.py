@@ -10,20 +10,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dcae_train.models import tiling
 from dcae_train.models.checkpointing import Stage
 from dcae_train.models.config import DCAEConfig
 from dcae_train.models.decoder import Decoder
 from dcae_train.models.encoder import Encoder
+from dcae_train.models.variants import variant_config, variant_name
 
 
 class DCAE(nn.Module):
     """Images (B, in_channels, H, W) in [-1, 1] <-> latents (B, latent_channels, H/f, W/f), f = 2^(stages-1)."""
 
-    def __init__(self, config: DCAEConfig) -> None:
+    def __init__(self, config: DCAEConfig, variant: str | None = None) -> None:
         super().__init__()
-        if not isinstance(config, DCAEConfig):
-            raise ValueError(f"DCAE(config): expected a DCAEConfig, got {type(config).__name__}; see build_model()")
         self.config = config
+        self.variant = variant  # the registered name (exports record it), None for a custom architecture
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         self.set_gradient_checkpointing(config.gradient_checkpointing)
@@ -64,6 +65,17 @@ class DCAE(nn.Module):
         """Reconstruction decode(encode(x)), without scaling_factor (as diffusers)."""
         return self.decode(self.encode(x))
 
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, x_hat) for training: no autograd graph is kept through the frozen part before the first layer
+        that trains (phase 2: the encoder body; phase 3: everything before the decoder head)."""
+        self._check_image(x)
+        z = self.encoder.forward_skipping_frozen(x)  # (B, c_lat, H/f, W/f)
+        return z, self.decoder.forward_skipping_frozen(z)  # (B, 3, H, W)
+
+    def last_trainable_layer(self) -> torch.Tensor | None:
+        """The weight of the decoder's last trainable conv: where the adaptive GAN weight compares gradients."""
+        return self.decoder.last_trainable_weight()
+
     def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:
         """The latent a diffusion model sees: encode(x) * scaling_factor."""
         return self.encode(x) * self.scaling_factor
@@ -75,17 +87,13 @@ class DCAE(nn.Module):
     def tiled_encode(
         self, x: torch.Tensor, tile: int | None = None, overlap: int | None = None, global_attention: bool = False
     ) -> torch.Tensor:
-        """Encode any size in overlapping tiles (bounded memory); see `dcae_train.tiling.tiled_encode`."""
-        from dcae_train import tiling
-
+        """Encode any size in overlapping tiles (bounded memory); see `dcae_train.models.tiling.tiled_encode`."""
         return tiling.tiled_encode(self, x, tile=tile, overlap=overlap, global_attention=global_attention)
 
     def tiled_decode(
         self, z: torch.Tensor, tile: int | None = None, overlap: int | None = None, global_attention: bool = True
     ) -> torch.Tensor:
-        """Decode in overlapping latent tiles, attention over the whole latent; see `dcae_train.tiling`."""
-        from dcae_train import tiling
-
+        """Decode in overlapping latent tiles, attention over the whole latent; see `dcae_train.models.tiling`."""
         return tiling.tiled_decode(self, z, tile=tile, overlap=overlap, global_attention=global_attention)
 
     # Input checks (before any compute) -----------------------------------------------------------------
@@ -111,11 +119,11 @@ class DCAE(nn.Module):
 
 def build_model(name_or_config: str | DCAEConfig) -> DCAE:
     """A randomly initialised `DCAE` from a variant name (see `VARIANTS`) or a `DCAEConfig`."""
-    if isinstance(name_or_config, str):
-        return DCAE(DCAEConfig.from_variant(name_or_config))
     if isinstance(name_or_config, DCAEConfig):
         return DCAE(name_or_config)
-    raise ValueError(
-        f"build_model: expected a variant name or a DCAEConfig, got {type(name_or_config).__name__}; "
-        f"for a diffusers config dict use build_model(DCAEConfig.from_diffusers_config(d))"
-    )
+    if not isinstance(name_or_config, str):
+        raise ValueError(
+            f"build_model: expected a variant name or a DCAEConfig, got {type(name_or_config).__name__}; "
+            f"for a diffusers config dict use build_model(DCAEConfig.from_diffusers_config(d))"
+        )
+    return DCAE(variant_config(name_or_config), variant=variant_name(name_or_config))

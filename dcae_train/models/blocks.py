@@ -5,7 +5,7 @@ Layout: NCHW in and out of ResBlocks unless the input is channels_last; Efficien
 channels_last (norms and attention projections then work on the NHWC view, no layout copies).
 Submodule names equal the diffusers `AutoencoderDC` ones, so state_dict keys match key for key (`conv1`,
 `conv2`, `norm`, `attn.to_q`, `attn.to_qkv_multiscale.0.proj_in`, `conv_out.conv_inverted`, `conv`, ...).
-Facts: `/work/shared/reference/architecture.md` sections 2-2.1.
+Facts: docs/architecture.md, "Blocks" and "Shortcuts".
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dcae_train.schema import reject_unknown
+
 BLOCK_TYPES = ("ResBlock", "EfficientViTBlock")
 NORM_TYPES = ("rms_norm", "batch_norm")
 ACT_FNS = ("silu", "relu", "mish", "gelu")
@@ -104,13 +106,6 @@ class DCAEConfig:
         _validate(self)
 
     @classmethod
-    def from_variant(cls, name: str) -> DCAEConfig:
-        """The registered config of a variant name (see `dcae_train.models.VARIANTS`)."""
-        from dcae_train.models.variants import variant_config
-
-        return variant_config(name)
-
-    @classmethod
     def from_diffusers_config(cls, d: Mapping[str, Any]) -> DCAEConfig:
         """From a diffusers `AutoencoderDC` config (dict or parsed `config.json`).
 
@@ -119,11 +114,8 @@ class DCAEConfig:
         """
         if d.get("_class_name", "AutoencoderDC") != "AutoencoderDC":
             raise ValueError(f"_class_name={d['_class_name']!r}: this is not an AutoencoderDC config")
-        known = set(DIFFUSERS_KEYS) | set(EXTRA_KEYS)
         kwargs = {k: v for k, v in d.items() if not k.startswith("_")}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise ValueError(f"{unknown[0]}: not an AutoencoderDC config key; known keys: {', '.join(DIFFUSERS_KEYS)}")
+        reject_unknown(sorted(kwargs), [*DIFFUSERS_KEYS, *EXTRA_KEYS], what="AutoencoderDC config")
         return cls(**kwargs)
 
     @classmethod

@@ -53,11 +53,29 @@ class Decoder(nn.Module):
             self.conv_out = UpBlock(head_channels, c.in_channels, interpolate, shortcut=False)
         self.gradient_checkpointing = False
 
-    # The head (norm_out -> act -> conv_out) is what phase 3 trains; the trainer runs the body without a graph.
-    head_module_names = ("norm_out", "conv_act", "conv_out")
-
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_body(z))  # (B, 3, H, W)
+
+    def forward_skipping_frozen(self, z: torch.Tensor) -> torch.Tensor:
+        """forward(z), the body without an autograd graph when neither it nor the latent needs one (phase 3)."""
+        body_trains = any(p.requires_grad for m in self._body() for p in m.parameters())
+        if z.requires_grad or body_trains:
+            return self(z)
+        with torch.no_grad():
+            h = self.forward_body(z)
+        return self.forward_head(h)
+
+    def last_trainable_weight(self) -> torch.Tensor | None:
+        """The weight of the last conv, in forward order, that trains (None when no conv of the decoder trains)."""
+        for module in reversed([*self._body(), self.conv_out]):
+            convs = [m for m in module.modules() if isinstance(m, nn.Conv2d) and m.weight.requires_grad]
+            if convs:
+                return convs[-1].weight
+        return None
+
+    def _body(self) -> list[nn.Module]:
+        """The modules before the head, in forward order (the stages run deepest first)."""
+        return [self.conv_in, *reversed(self.up_blocks)]
 
     def forward_body(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)  # (B, C(n-1), h, w)

@@ -46,11 +46,22 @@ class Encoder(nn.Module):
         self.out_shortcut = c.encoder_out_shortcut
         self.latent_channels = c.latent_channels
 
-    # The head (conv_out + shortcut) is what phase 2 trains; the trainer runs the body without a graph then.
-    head_module_names = ("conv_out",)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_body(x))
+
+    def forward_skipping_frozen(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x), without an autograd graph through what does not train (phase 2 trains only the head)."""
+        if not any(p.requires_grad for p in self.parameters()):
+            with torch.no_grad():
+                return self(x)
+        if any(p.requires_grad for p in self._body_parameters()):
+            return self(x)
+        with torch.no_grad():
+            h = self.forward_body(x)
+        return self.forward_head(h)
+
+    def _body_parameters(self):
+        return (p for name, p in self.named_parameters() if not name.startswith("conv_out."))
 
     def forward_body(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)  # (B, C0, H, W), or (B, C1, H/2, W/2) when the first stage is empty

@@ -1,5 +1,5 @@
-"""Every DC-AE variant, named once. Released configs: architecture.md section 1 (diffusers `get_ae_config` for
-sana-1.0, in/mix, f64, f128; the DC-Gen configs translated to diffusers keys for sana-1.1 and lite).
+"""Every DC-AE variant, named once. Released configs: docs/architecture.md, "Variants" (diffusers `get_ae_config`
+for sana-1.0, in/mix, f64, f128; the DC-Gen configs translated to diffusers keys for sana-1.1 and lite).
 
 Debug variants (random init only, a few hundred thousand parameters, f8):
 - `tiny`: sana-style (stride-2 conv down, nearest-interpolate up, RMSNorm + SiLU decoder, multi-scale attention).
@@ -134,10 +134,14 @@ HF_REPOS = {
 }
 
 
+def variant_name(name: str) -> str:
+    """The registered name of `name` (also accepted without the `dc-ae-` prefix)."""
+    if name in _REGISTRY:
+        return name
+    if f"dc-ae-{name}" in _REGISTRY:
+        return f"dc-ae-{name}"
+    raise ValueError(f"unknown DC-AE variant {name!r}; use one of: {', '.join(VARIANTS)}")
+
+
 def variant_config(name: str) -> DCAEConfig:
-    if name not in _REGISTRY:
-        alias = f"dc-ae-{name}"
-        if alias in _REGISTRY:
-            return _REGISTRY[alias]()
-        raise ValueError(f"unknown DC-AE variant {name!r}; use one of: {', '.join(VARIANTS)}")
-    return _REGISTRY[name]()
+    return _REGISTRY[variant_name(name)]()

@@ -1,8 +1,9 @@
 """Weights in and out: `load_model` (variant, diffusers folder, original checkpoint, our checkpoint, HF repo id),
 `export_diffusers`, `export_original`, and the pure original <-> diffusers key conversion.
 
-Files: `io.py` (safetensors / checkpoint reading with clear errors), `original.py` (key mapping),
-`loading.py` (`load_model`), `exporting.py` (`export_diffusers`, `export_original`).
+Files: `io.py` (safetensors and diffusers folders, with clear errors), `checkpoint.py` (our training checkpoints:
+the safe loader and their metadata), `original.py` (key mapping), `loading.py` (`load_model`), `exporting.py`
+(`export_diffusers`, `export_original`). Formats and pitfalls: docs/weights.md.
 """
 
 from dcae_train.weights.exporting import export_diffusers, export_original

@@ -101,7 +101,7 @@ def _config_with_factor(model: DCAE, scaling_factor: float | None) -> DCAEConfig
 
 
 def _variant_name(model: DCAE) -> str | None:
-    return getattr(model, "variant", None) or _match_variant(model.config)
+    return model.variant or _match_variant(model.config)
 
 
 def _our_metadata(model: DCAE, config: DCAEConfig) -> dict[str, str]:

@@ -1,7 +1,7 @@
-"""Reading and writing weight files: safetensors (single, `.variant`, sharded with an index) and our checkpoints.
+"""Reading and writing weight files: safetensors (single, `.variant`, sharded with an index), diffusers folders.
 
-Every failure is a `WeightsError` naming the file and the problem. Nothing here unpickles arbitrary objects:
-safetensors holds tensors only, and `.ckpt` files go through `torch.load(weights_only=True)`.
+Every failure is a `WeightsError` naming the file and the problem. Nothing here unpickles anything: safetensors
+holds tensors only (our `.ckpt` files are read by `checkpoint.py`).
 """
 
 from __future__ import annotations
@@ -100,22 +100,3 @@ def read_diffusers_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
             raise WeightsError(f"{f}: key {dup[0]} appears in more than one shard")
         sd.update(tensors)
     return sd
-
-
-# our training checkpoints -----------------------------------------------------------------------------------
-def read_training_checkpoint(path: Path) -> dict[str, Any]:
-    """A Lightning `.ckpt` of ours, loaded with `weights_only=True`: a checkpoint crafted to run code is refused."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError, RuntimeError (bad zip), EOFError, ... depending on the damage
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise WeightsError(
-            f"{path}: refused or unreadable ({type(err).__name__}: {first}). Checkpoints are loaded with "
-            f"weights_only=True, so files that are truncated, corrupt or hold arbitrary Python objects fail here."
-        ) from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "dcae" not in ckpt:
-        raise WeightsError(
-            f"{path}: not a dcae-train checkpoint (needs 'state_dict' and 'dcae' entries); for diffusers or "
-            f"original weights pass a folder or a .safetensors file"
-        )
-    return ckpt

@@ -21,9 +21,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
-from dcae_train.models import DCAE, DCAEConfig
+from dcae_train.models import DCAE, DCAEConfig, build_model
 from dcae_train.models.variants import VARIANTS, variant_config
+from dcae_train.weights.checkpoint import read_training_checkpoint
 from dcae_train.weights.io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -32,7 +35,6 @@ from dcae_train.weights.io import (
     read_diffusers_state_dict,
     read_json,
     read_safetensors,
-    read_training_checkpoint,
 )
 from dcae_train.weights.original import ConversionError, looks_original, original_to_diffusers
 
@@ -47,7 +49,7 @@ def load_model(source: str | Path, *, ema: bool = True, variant: str | None = No
     """A `DCAE` with weights from `source` (see the module docstring), in fp32, in eval mode.
 
     `variant` names the released variant of an original checkpoint when the file cannot tell (in vs mix have
-    identical tensors and differ only in `scaling_factor`). The result has `model.variant` (name or None).
+    identical tensors and differ only in `scaling_factor`). `model.variant` is the registered name or None.
     """
     path = Path(source).expanduser()
     if path.is_dir():
@@ -60,7 +62,7 @@ def load_model(source: str | Path, *, ema: bool = True, variant: str | None = No
         return _load_training_checkpoint(path, ema)
     name = str(source)
     if name in VARIANTS or f"dc-ae-{name}" in VARIANTS:
-        return _finish(DCAE(variant_config(name)), name)  # random init (build_model)
+        return build_model(name).eval()  # random init
     if _looks_like_repo_id(name):
         return _load_folder(_hub_snapshot(name), variant)
     raise WeightsError(
@@ -86,7 +88,7 @@ def _load_folder(folder: Path, variant: str | None) -> DCAE:
         raise WeightsError(f"{config_path}: not a supported AutoencoderDC config: {err}") from err
     files = find_diffusers_weights(folder)
     sd = read_diffusers_state_dict(files)
-    return _finish(_assemble(config, sd, where=str(files[0] if len(files) == 1 else folder)), _match_variant(config))
+    return _assemble(config, sd, where=str(files[0] if len(files) == 1 else folder), variant=_match_variant(config))
 
 
 def _load_safetensors_file(path: Path, variant: str | None) -> DCAE:
@@ -103,18 +105,15 @@ def _load_safetensors_file(path: Path, variant: str | None) -> DCAE:
         converted = original_to_diffusers(sd, config)
     except ConversionError as err:
         raise WeightsError(f"{path}: {err}") from err
-    return _finish(_assemble(config, converted, where=str(path)), name)
+    return _assemble(config, converted, where=str(path), variant=name)
 
 
 def _load_training_checkpoint(path: Path, ema: bool) -> DCAE:
-    ckpt = read_training_checkpoint(path)
-    info = ckpt["dcae"]
+    ckpt, meta = read_training_checkpoint(path)
     try:
-        config = DCAEConfig.from_dict(info["config"])
-    except (KeyError, ValueError, TypeError) as err:
-        raise WeightsError(f"{path}: ckpt['dcae']['config'] is missing or invalid: {err}") from err
-    if info.get("scaling_factor") is not None:
-        config = config.replace(scaling_factor=float(info["scaling_factor"]))
+        config = meta.model_config()
+    except (ValueError, TypeError) as err:
+        raise WeightsError(f"{path}: ckpt['dcae']['config'] is invalid: {err}") from err
     state = ckpt["state_dict"]
     prefix = "ema." if ema and any(k.startswith("ema.") for k in state) else "model."
     if ema and prefix == "model.":
@@ -122,13 +121,10 @@ def _load_training_checkpoint(path: Path, ema: bool) -> DCAE:
     sd = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not sd:
         raise WeightsError(f"{path}: state_dict has no 'model.*' autoencoder weights")
-    return _finish(_assemble(config, sd, where=f"{path} ({prefix}*)"), info.get("variant"))
+    return _assemble(config, sd, where=f"{path} ({prefix}*)", variant=meta.variant)
 
 
 def _hub_snapshot(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
-
     try:
         # safetensors + JSON only: pickled .bin files are never fetched. Falls back to the cache when offline.
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
@@ -143,10 +139,10 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 
 # Checks, then assignment ---------------------------------------------------------------------------------
-def _assemble(config: DCAEConfig, sd: Mapping[str, torch.Tensor], *, where: str) -> DCAE:
-    """Build `DCAE(config)` without initialising it, check keys and shapes, then assign the tensors (fp32)."""
+def _assemble(config: DCAEConfig, sd: Mapping[str, torch.Tensor], *, where: str, variant: str | None) -> DCAE:
+    """Build `DCAE(config)` without initialising it, check keys and shapes, then assign the tensors (fp32, eval)."""
     with torch.device("meta"):
-        model = DCAE(config)
+        model = DCAE(config, variant)
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
@@ -168,12 +164,7 @@ def _assemble(config: DCAEConfig, sd: Mapping[str, torch.Tensor], *, where: str)
             )
     cast = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     model.load_state_dict(cast, strict=True, assign=True)
-    return model
-
-
-def _finish(model: DCAE, variant: str | None) -> DCAE:
-    model.variant = variant  # type: ignore[attr-defined]  # read by the exporters (config.json model_name)
-    return model.float().eval()
+    return model.eval()
 
 
 # Variant inference for original checkpoints ---------------------------------------------------------------

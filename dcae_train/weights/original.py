@@ -1,6 +1,6 @@
 """Original (mit-han-lab/efficientvit, DC-Gen) <-> diffusers `AutoencoderDC` state-dict keys, as pure functions.
 
-The two layouts hold the same tensors (architecture.md section 3.3). Differences:
+The two layouts hold the same tensors (docs/weights.md, "Original layout"). Differences:
 
 - names: `encoder.stages.i.op_list.j.` <-> `encoder.down_blocks.i.j.`, `decoder.stages` <-> `decoder.up_blocks`,
   `project_in/out` <-> `conv_in/out` / `norm_out`, `context_module` <-> `attn`, `local_module` <-> `conv_out`;

@@ -5,7 +5,7 @@
 
 Both sizes are in pixels and must be multiples of the compression ratio f; in latent space a tile is tile/f.
 
-How (architecture.md section 5 for what diffusers does, and why seams appear):
+How (docs/tiling.md: what diffusers does, and why seams appear):
 - Tiles sit on a grid spread evenly over the image, so the first and last tile touch the borders and neighbours
   overlap by at least `overlap` (every overlap is the same size up to one latent).
 - Each tile's output is weighted by a separable ramp that is 1 inside the tile and falls linearly to ~0 at an
@@ -35,6 +35,8 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+from dcae_train.models.blocks import MultiscaleLinearAttention
 
 DEFAULT_TILE = 512  # px: 16 latents at f32, as diffusers' default, so costs compare like for like
 DEFAULT_OVERLAP = 128  # px: twice diffusers' 64 px blend; see scripts/bench_tiling.py for the seam error
@@ -182,7 +184,6 @@ class GlobalAttention:
         self.origin = (0, 0)
         self.target: int | None = None
         self.acc: list[torch.Tensor] | None = None
-        self.passes = 0
 
     def start_pass(self) -> None:
         self.target, self.acc = None, None
@@ -193,7 +194,6 @@ class GlobalAttention:
             return False
         assert self.acc is not None
         self.sums[self.target] = (self.acc[0], self.acc[1])
-        self.passes += 1
         return True
 
     def tile_runner(self, run, ys, xs) -> _TileRunner:
@@ -224,11 +224,10 @@ class GlobalAttention:
         raise _StopTile
 
 
-def _attention_modules(model) -> list:
-    from dcae_train.models.blocks import MultiscaleLinearAttention
-
-    mods = getattr(model, "modules", None)
-    return [m for m in mods() if isinstance(m, MultiscaleLinearAttention)] if mods else []
+def _attention_modules(model: Autoencoder) -> list[MultiscaleLinearAttention]:
+    if not isinstance(model, torch.nn.Module):  # any object with encode/decode tiles; only ours has these layers
+        return []
+    return [m for m in model.modules() if isinstance(m, MultiscaleLinearAttention)]
 
 
 def _cores(starts: list[int], t: int, length: int) -> list[tuple[int, int]]:
