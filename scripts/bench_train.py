@@ -154,9 +154,9 @@ def make_batches(s: Settings, case: Case, n: int) -> list[dict[str, torch.Tensor
 
 
 def build_dcae(s: Settings):
-    from dcae_train.models import DCAEConfig, build_model
+    from dcae_train.models import build_model, variant_config
 
-    cfg = DCAEConfig.from_variant(s.variant)
+    cfg = variant_config(s.variant)
     if s.width != 1:
         cfg = cfg.scaled(width=s.width)
     torch.manual_seed(s.seed)
@@ -164,9 +164,10 @@ def build_dcae(s: Settings):
 
 
 def phase_config(s: Settings, case: Case):
+    from dcae_train.losses import DiscConfig, LossConfig
     from dcae_train.training.config import EMAConfig, OptimizerConfig, PhaseConfig
 
-    loss: dict[str, Any] = {"l1": 1.0, "lpips": 1.0}
+    loss = LossConfig(l1=1.0, lpips=1.0)
     trainable = ["*"]
     optim = OptimizerConfig(lr=6.4e-5, betas=[0.9, 0.999])
     if case.phase == 2:
@@ -174,7 +175,7 @@ def phase_config(s: Settings, case: Case):
     if case.phase == 3:
         trainable = P3_TRAINABLE
         # The steady state of the released p3 (after gan_start): D trains and G gets the adaptive GAN term.
-        loss.update(gan=0.5, gan_loss="hinge", adaptive_weight=True, disc_start=0, gan_start=0)
+        loss = LossConfig(l1=1.0, lpips=1.0, gan=0.5, disc=DiscConfig(), disc_start=0, gan_start=0)
         optim = OptimizerConfig(lr=5.4e-5, betas=[0.5, 0.9])
     return PhaseConfig(
         resolution=case.resolution,
@@ -190,8 +191,9 @@ def phase_config(s: Settings, case: Case):
 
 def build_ours(s: Settings, case: Case, model: nn.Module | None = None):
     """Our module as `build_run` makes it (model + loss + phase), on the benchmark's device."""
-    from dcae_train.losses import AutoencoderLoss, LossConfig
+    from dcae_train.losses import AutoencoderLoss
     from dcae_train.training.module import AutoencoderModule
+    from dcae_train.weights.checkpoint import CheckpointMeta
 
     model = copy.deepcopy(model) if model is not None else build_dcae(s)
     if case.phase == 2 and case.resolution >= s.checkpoint_p2_from:
@@ -199,8 +201,9 @@ def build_ours(s: Settings, case: Case, model: nn.Module | None = None):
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
     phase = phase_config(s, case)
-    loss = AutoencoderLoss(LossConfig(**phase.loss), lpips_pretrained=False)
-    module = AutoencoderModule(model, loss, phase, phase_index=case.phase, meta={}, channels_last=s.channels_last)
+    loss = AutoencoderLoss(phase.loss, lpips_pretrained=False)
+    meta = CheckpointMeta(model.config.to_dict(), None, model.scaling_factor, case.phase, "bench", None, False)
+    module = AutoencoderModule(model, loss, phase, meta=meta, channels_last=s.channels_last)
     if s.compile:
         model.compile()
     return module
@@ -237,20 +240,19 @@ class Plain:
     """Ours without Lightning: the same module's reconstruct/loss/clip/AdamW/D step/EMA in a hand-written loop."""
 
     def __init__(self, s: Settings, case: Case, model: nn.Module) -> None:
-        from dcae_train.training.module import _clip, _lr_lambda
+        from dcae_train.training.optim import clip_grad_norm
 
-        self._clip = _clip
+        self._clip = clip_grad_norm
         self.device = torch.device(s.device)
         self.m = build_ours(s, case, model).to(self.device)
         self.m.train()
         (self.opt_g, *rest), (self.sched_g, *rest_s) = self.m.configure_optimizers()
         self.opt_d = rest[0] if rest else None
         self.sched_d = rest_s[0] if rest_s else None
-        self._lr_lambda = _lr_lambda
         self.bf16 = s.precision == "bf16-mixed"
         self.channels_last = s.channels_last
         self.step_i = 0
-        self.last_layer = self.m.last_layer
+        self.last_layer = self.m.model.last_trainable_layer()
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -263,7 +265,7 @@ class Plain:
         if disc is not None:
             disc.requires_grad_(False)  # as Lightning's toggled_optimizer
         with self._autocast():
-            z, x_hat = m.reconstruct(x)
+            z, x_hat = m.model.reconstruct(x)
             loss, _ = loss_fn.generator_loss(x, x_hat, step=self.step_i, last_layer=self.last_layer)
         loss.backward()
         self._clip(self.opt_g, ph.optimizer.grad_clip)

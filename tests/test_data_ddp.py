@@ -28,9 +28,12 @@ def _rank_main(rank: int, world: int, port: int, urls: list[str], cache: str, ou
     torch.set_num_threads(1)
     # A short timeout turns a hang (one rank waiting in a collective for a rank that ran dry) into a failure.
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    from dcae_train.data import DataConfig, ImageDataModule
+    from dcae_train.data import DataConfig
+    from dcae_train.training.datamodule import ImageDataModule
 
-    cfg = DataConfig(train=urls, val=urls, num_workers=2, epoch_batches=EPOCH_BATCHES, shuffle_buffer=8)
+    cfg = DataConfig(
+        train=urls, val=urls, num_workers=2, val_num_workers=2, epoch_batches=EPOCH_BATCHES, shuffle_buffer=8
+    )
     dm = ImageDataModule(cfg, resolution=32, batch_size=BATCH, seed=5)
     dm.setup("fit")  # no trainer: rank and world size come from torch.distributed
     result: dict = {"epochs": []}

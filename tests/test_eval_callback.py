@@ -10,8 +10,9 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from dcae_train.evaluation import EvalCallback
+from dcae_train.evaluation import EvaluationConfig
 from dcae_train.models import build_model
+from dcae_train.training.eval_callback import EvalCallback
 
 
 class _TinyModule(L.LightningModule):
@@ -43,7 +44,7 @@ def _rows(tmp_path):
 
 def test_eval_callback_logs_raw_and_ema(tmp_path, with_ema=True):
     images = torch.rand(6, 3, 32, 32) * 2 - 1
-    cb = EvalCallback(every_n_steps=2, images=images, batch_size=4, lpips="random", fid="tiny")
+    cb = EvalCallback(EvaluationConfig(every=2, batch_size=4, lpips="random", fid="tiny"), images=images)
     trainer = L.Trainer(
         max_steps=4, accelerator="cpu", logger=CSVLogger(tmp_path), callbacks=[cb], enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
@@ -65,8 +66,10 @@ def test_eval_callback_logs_raw_and_ema(tmp_path, with_ema=True):
 
 def test_eval_callback_fid_auto_is_off_without_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    assert EvalCallback(lpips="off", fid="auto").features is None
+    assert EvalCallback(EvaluationConfig(every=1, lpips="off", fid="auto")).features is None
     with pytest.raises(FileNotFoundError, match="pt_inception"):
-        EvalCallback(lpips="off", fid="inception")
-    with pytest.raises(ValueError, match="every_n_steps=0"):
-        EvalCallback(every_n_steps=0, lpips="off", fid="off")
+        EvalCallback(EvaluationConfig(every=1, lpips="off", fid="inception"))
+    with pytest.raises(ValueError, match="every=-1: must be >= 0"):
+        EvaluationConfig(every=-1, lpips="off", fid="off")
+    with pytest.raises(ValueError, match="lpips='squeeze'"):
+        EvaluationConfig(lpips="squeeze")

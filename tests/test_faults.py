@@ -16,6 +16,8 @@ import torch
 from dcae_train import cli
 from dcae_train.training import checkpoint as ckpt_lib
 from dcae_train.training.faults import EXIT_PREEMPTED, parse_faults
+from dcae_train.weights import WeightsError
+from dcae_train.weights.checkpoint import load_checkpoint
 
 SMOKE = ["debug=smoke", "data=demo", "data.num_workers=0", "validate_at_start=false"]
 BASE = ("phases.p1.max_steps=6", "phases.p1.ckpt_every=2", "phases.p1.log_every=1", "data.epoch_batches=2")
@@ -185,9 +187,9 @@ def test_malicious_checkpoint_is_refused_by_every_loader(tmp_path):
     evil = tmp_path / "runs" / "quickstart" / "phase1" / "20260101-000000-000000" / "checkpoints" / "last.ckpt"
     evil.parent.mkdir(parents=True)
     _malicious_checkpoint(evil, marker)
-    with pytest.raises(RuntimeError, match="weights_only"):
-        ckpt_lib.safe_load(evil)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(WeightsError, match="weights_only"):
+        load_checkpoint(evil)
+    with pytest.raises(WeightsError):
         ckpt_lib.AtomicCheckpointIO().load_checkpoint(evil)
     from dcae_train.weights import load_model
 

@@ -14,15 +14,13 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from PIL import Image
 
+from dcae_train.evaluation.metrics import to_uint8
 from dcae_train.training.checkpoint import write_finished
+from dcae_train.training.faults import Preemption
 
 log = logging.getLogger(__name__)
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float -> uint8, rounded as the evaluator does (wandb would render floats black)."""
-    return ((x.float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
 
 
 def reconstruction_grid(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -33,8 +31,6 @@ def reconstruction_grid(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 
 
 def save_png(img: torch.Tensor, path: Path) -> None:
-    from PIL import Image
-
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(img.permute(1, 2, 0).cpu().numpy()).save(path)
 
@@ -65,7 +61,7 @@ class ReconstructionGrids(L.Callback):
             return
         x = x.to(pl_module.device)
         step = trainer.global_step
-        for name, model in (("raw", pl_module.model), ("ema", getattr(pl_module, "ema", None))):
+        for name, model in (("raw", pl_module.model), ("ema", pl_module.ema)):
             if model is None:
                 continue
             was_training = model.training
@@ -142,12 +138,13 @@ def plot_metrics(csv_path: Path, out: Path) -> None:
 class FinishedMarker(L.Callback):
     """Writes FINISHED.json (the final checkpoint's path) once fit completes, so the next phase can find it."""
 
-    def __init__(self, run_dir: Path, info: dict[str, Any]) -> None:
+    def __init__(self, run_dir: Path, info: dict[str, Any], preemption: Preemption) -> None:
         self.run_dir = Path(run_dir)
         self.info = info
+        self.preemption = preemption
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.interrupted or getattr(trainer, "dcae_preempted", False):
+        if trainer.interrupted or self.preemption.preempted:
             return  # not finished: a preempted run continues with resume=auto
         final = self.run_dir / "checkpoints" / "final.ckpt"
         trainer.save_checkpoint(final, weights_only=False)  # collective under DDP: every rank calls it

@@ -14,20 +14,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
+import random
 import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from dcae_train.weights.checkpoint import load_checkpoint, read_training_checkpoint
+
 log = logging.getLogger(__name__)
 
 FINISHED = "FINISHED.json"
-_STEP_RE = re.compile(r"step(\d+)")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -37,7 +39,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, Path(path))
 
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
-        return safe_load(path, map_location=map_location or "cpu")
+        return load_checkpoint(path, map_location=map_location or "cpu")
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -66,32 +68,14 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def safe_load(path: _PATH, map_location: Any = "cpu") -> Any:
-    """Load a checkpoint without unpickling arbitrary objects; a clear error for anything else."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... by case
-        raise RuntimeError(
-            f"cannot load checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
-            "It is truncated, corrupt, or holds objects that are refused for safety (weights_only=True)."
-        ) from err
-
-
 def check_resumable(path: Path) -> None:
-    """Unpickle (weights only, tensors memory-mapped, so cheap) and check it is one of our training checkpoints."""
+    """One of our training checkpoints, with its step (tensors memory-mapped, so cheap); ValueError otherwise."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        raise ValueError(
-            f"resume={path}: refused: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
-            "(checkpoints are loaded with weights_only=True; this one is corrupt or holds arbitrary objects)"
-        ) from err
-    missing = [k for k in ("state_dict", "global_step", "dcae") if k not in ckpt]
-    if missing:
-        raise ValueError(
-            f"resume={path}: not a dcae-train training checkpoint (missing {missing}); "
-            "to start from weights only use init_from= instead"
-        )
+        ckpt, _ = read_training_checkpoint(path, mmap=True)
+    except ValueError as err:
+        raise ValueError(f"resume={path}: refused: {err}; to start from weights only use init_from= instead") from err
+    if "global_step" not in ckpt:
+        raise ValueError(f"resume={path}: not a dcae-train training checkpoint (no global_step); use init_from=")
 
 
 def is_loadable(path: Path) -> bool:
@@ -101,11 +85,6 @@ def is_loadable(path: Path) -> bool:
             return zf.testzip() is None
     except (OSError, zipfile.BadZipFile, EOFError, ValueError):
         return False
-
-
-def checkpoint_step(path: Path) -> int:
-    m = _STEP_RE.search(path.stem)
-    return int(m.group(1)) if m else -1
 
 
 def checkpoints_newest_first(run_dir: Path) -> list[Path]:
@@ -175,3 +154,28 @@ def write_finished(run_dir: Path, checkpoint: Path, info: dict[str, Any]) -> Non
     tmp = run_dir / f".{FINISHED}.tmp"
     tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, run_dir / FINISHED)
+
+
+# RNG state, so a resumed run draws the same numbers as an uninterrupted one --------------------------------
+def rng_state() -> dict[str, Any]:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": list(py[1]),
+        "python_version": py[0],
+        "python_gauss": py[2],
+        # as tensors and ints: a weights_only load refuses numpy arrays
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype("int64")), "pos": int(np_state[2])},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"]["keys"].numpy().astype("uint32"), state["numpy"]["pos"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

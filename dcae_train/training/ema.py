@@ -16,9 +16,7 @@ from torch import nn
 
 class EMA:
     def __init__(self, decay: float, warmup_steps: int = 0) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"ema.decay={decay} must be in [0, 1), e.g. 0.9999")
-        self.decay = decay
+        self.decay = decay  # in [0, 1): EMAConfig checks it
         self.warmup_steps = warmup_steps
 
     def effective_decay(self, step: int) -> float:

@@ -4,7 +4,7 @@ Preemption: SIGTERM (what schedulers send before a kill) and SIGUSR1 (SLURM's pr
 `#SBATCH --signal=USR1@90`) set a flag; at the next step boundary the run writes a checkpoint (atomically,
 also as last.ckpt), stops cleanly and the process exits with `EXIT_PREEMPTED` (75, EX_TEMPFAIL), so a
 wrapper or SLURM requeue runs `resume=auto` again. Under SLURM with Lightning's auto-requeue the job is
-requeued by Lightning's own SIGUSR1 handler instead (see README).
+requeued by Lightning's own SIGUSR1 handler instead (docs/troubleshooting.md, docs/training.md).
 
 Fault injection, for the chaos tests only: `DCAE_TRAIN_FAULTS="nan@3,nan@3,sigterm@5,kill@6"` makes the loss of
 the next two batches at step 3 NaN (each entry fires once; a skipped batch does not advance the step), sends
@@ -33,7 +33,8 @@ class Preemption(L.Callback):
     def __init__(self, run_dir: Path, *, handle_usr1: bool = True) -> None:
         self.run_dir = Path(run_dir)
         self.handle_usr1 = handle_usr1
-        self.requested: str | None = None
+        self.requested: str | None = None  # the signal this process received
+        self.preempted = False  # set on every rank once any rank was signalled: the run stopped to be resumed
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum, frame) -> None:
@@ -57,7 +58,7 @@ class Preemption(L.Callback):
         trainer.save_checkpoint(ckpt, weights_only=False)
         trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.ckpt", weights_only=False)
         trainer.should_stop = True
-        trainer.dcae_preempted = True  # read by the CLI for the exit code
+        self.preempted = True  # read by FinishedMarker and by the CLI for the exit code
         pl_module.print(f"preempted by {self.requested or 'a signal on another rank'}: saved {ckpt}; exiting")
 
     def _broadcast(self, trainer) -> bool:

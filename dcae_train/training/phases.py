@@ -22,8 +22,6 @@ from torch import nn
 def select_trainable(model: nn.Module, patterns: Sequence[str], *, key: str = "trainable") -> list[str]:
     """Names of the parameters matched by any glob; a glob that matches nothing is an error."""
     names = [name for name, _ in model.named_parameters()]
-    if not patterns:
-        raise ValueError(f"{key} is empty: give at least one parameter-name glob, e.g. ['decoder.conv_out.*']")
     selected: set[str] = set()
     for pattern in patterns:
         hits = fnmatch.filter(names, pattern)
@@ -54,7 +52,3 @@ def set_frozen_norms_eval(model: nn.Module) -> None:
 
 def _has_trainable_params(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters(recurse=False))
-
-
-def is_fully_frozen(module: nn.Module) -> bool:
-    return not any(p.requires_grad for p in module.parameters())

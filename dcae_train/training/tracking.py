@@ -7,16 +7,14 @@ continues the same wandb run. Offline runs are uploaded later with `wandb sync <
 
 from __future__ import annotations
 
-import logging
 import netrc
 import os
 import secrets
 from pathlib import Path
-from typing import Any
 
-log = logging.getLogger(__name__)
+from lightning.pytorch.loggers import WandbLogger
 
-MODES = ("auto", "online", "offline", "disabled")
+from dcae_train.training.config import WandbConfig
 
 
 def has_api_key() -> bool:
@@ -32,8 +30,6 @@ def resolve_mode(mode: str) -> str:
     env = os.environ.get("WANDB_MODE")
     if env in ("disabled", "offline", "dryrun"):  # the environment wins: tests and CI set disabled
         return "offline" if env == "dryrun" else env
-    if mode not in MODES:
-        raise ValueError(f"logger.wandb.mode={mode!r}: use one of {', '.join(MODES)}")
     if mode == "auto":
         return "online" if has_api_key() else "offline"
     if mode == "online" and not has_api_key():
@@ -44,27 +40,24 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
-def build_wandb_logger(cfg: Any, run_dir: Path):
-    mode = resolve_mode(cfg.logger.wandb.mode)
+def build_wandb_logger(w: WandbConfig, run_dir: Path, recipe: str, phase: int) -> WandbLogger | None:
+    mode = resolve_mode(w.mode)
     os.environ["WANDB_MODE"] = mode
     if mode == "disabled":
         return None
-    from lightning.pytorch.loggers import WandbLogger
-
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_DIR", str(run_dir))
     id_file = run_dir / "wandb_id.txt"
     run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
     if not id_file.is_file():
         id_file.write_text(run_id)
-    w = cfg.logger.wandb
     return WandbLogger(
         project=w.project,
         entity=w.entity,
-        name=w.name or f"{cfg.recipe}-p{cfg.phase}-{run_dir.name}",
+        name=w.name or f"{recipe}-p{phase}-{run_dir.name}",
         id=run_id,
         save_dir=str(run_dir),
-        tags=list(w.tags) + [cfg.recipe, f"phase{cfg.phase}"],
+        tags=list(w.tags) + [recipe, f"phase{phase}"],
         resume="allow",
         log_model=False,
     )

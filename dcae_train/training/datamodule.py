@@ -16,9 +16,11 @@ from typing import Any
 import lightning as L
 import torch
 
-from dcae_train.data.config import DataConfig, is_demo
+from dcae_train.data.config import DataConfig
+from dcae_train.data.demo import demo_shards
+from dcae_train.data.specs import is_demo, sources_from_spec
 from dcae_train.data.transforms import TransformSpec
-from dcae_train.data.webdataset import StreamLoader, TrainStream, ValStream, sources_from_spec
+from dcae_train.data.webdataset import StreamLoader, TrainStream, ValStream
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -43,11 +45,6 @@ class ImageDataModule(L.LightningDataModule):
         val_batch_size: int | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(config, dict):
-            config = DataConfig.from_dict(config)
-        for name, value in (("resolution", resolution), ("batch_size", batch_size)):
-            if int(value) < 1:
-                raise ValueError(f"{name}={value} must be >= 1")
         self.config, self.seed = config, int(seed)
         self.resolution, self.batch_size = int(resolution), int(batch_size)
         self.val_resolution = int(val_resolution or resolution)
@@ -63,16 +60,12 @@ class ImageDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Lightning calls this on one process per node: build the demo shards there first."""
         if self._uses_demo():
-            from dcae_train.data.demo import demo_shards
-
             demo_shards()
 
     def _resolved(self) -> dict[str, Any]:
         if self._specs is None:
             demo = None
             if self._uses_demo():
-                from dcae_train.data.demo import demo_shards
-
                 demo = demo_shards()  # race-safe if prepare_data did not run (e.g. no trainer)
             train = demo["train"] if is_demo(self.config.train) else self.config.train
             val = demo["val"] if (self.config.val == "demo" or self.config.val is None) else self.config.val
