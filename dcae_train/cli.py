@@ -12,9 +12,13 @@ import sys
 import traceback
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
+
+from dcae_train.config import compose, help_text, recipe_names
+from dcae_train.training.faults import EXIT_PREEMPTED
+from dcae_train.training.module import NonFiniteLossError
+from dcae_train.training.run import Run, build_run
 
 USAGE = """usage: python -m dcae_train [recipe=NAME] [phase=1|2|3] [key=value ...]
 
@@ -23,73 +27,15 @@ USAGE = """usage: python -m dcae_train [recipe=NAME] [phase=1|2|3] [key=value ..
   python -m dcae_train recipe=dc-ae-f32c32-sana-1.1 phase=1 trainer.devices=8 data.train='shards/{000000..000999}.tar'
   python -m dcae_train resume=auto                  continue the most recent run of this recipe and phase
   python -m dcae_train phase=3 init_from=mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers recipe=dc-ae-f32c32-sana-1.1
+  python -m dcae_train model=tiny-in                shorthand for model.variant=tiny-in
   python -m dcae_train debug=smoke                  any recipe/phase in seconds on a CPU
   python -m dcae_train --cfg [overrides]            print the composed config and exit
+  python -m dcae_train --help-config [--markdown]   every key with its type, default and meaning (docs/config.md)
   python -m dcae_train --recipes                    list the recipes
 """
 
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run again with resume=auto
-
-
-def package_root() -> Path:
-    return Path(__file__).resolve().parent
-
-
-def config_dir() -> Path:
-    """conf/ shipped inside the wheel (dcae_train/conf), else the repository's top-level conf/."""
-    inside = package_root() / "conf"
-    return inside if (inside / "train.yaml").is_file() else package_root().parent / "conf"
-
-
-def recipes_dir() -> Path:
-    inside = package_root() / "recipes"
-    return inside if inside.is_dir() and any(inside.glob("*.yaml")) else package_root().parent / "recipes"
-
-
-def recipe_names() -> list[str]:
-    return sorted(p.stem for p in recipes_dir().glob("*.yaml") if not p.stem.startswith("_"))
-
-
-def translate_overrides(overrides: Sequence[str]) -> list[str]:
-    """`recipe=NAME` selects the config group `recipes` (the folder is recipes/); brace patterns are quoted."""
-    out = []
-    for o in overrides:
-        if o.startswith("recipe="):
-            name = o.split("=", 1)[1]
-            if name not in recipe_names():
-                raise ValueError(f"recipe={name!r} is not a recipe; available: {', '.join(recipe_names())}")
-            o = f"recipes={name}"
-        out.append(_quote_brace_pattern(o))
-    return out
-
-
-def _quote_brace_pattern(override: str) -> str:
-    """`data.train=shards/train-{000000..000099}.tar` is a WebDataset brace pattern, not Hydra syntax: quote it."""
-    key, sep, value = override.partition("=")
-    if not sep or not ("{" in value or "}" in value) or value[:1] in "'\"[{" or "'" in value:
-        return override
-    return f"{key}='{value}'"
-
-
-def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-
-    import dcae_train.training.config  # noqa: F401  (registers train_schema)
-
-    search = f"hydra.searchpath=[file://{recipes_dir().parent}]"
-    try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="dcae_train"):
-            return compose("train", overrides=[*translate_overrides(overrides), search])
-    except HydraException as err:
-        raise ValueError(f"bad configuration: {err}") from err
-    except Exception as err:  # omegaconf's ConfigKeyError / ValidationError for unknown keys and wrong types
-        if type(err).__module__.startswith("omegaconf"):
-            raise ValueError(f"bad configuration: {err}") from err
-        raise
-
 
 # Lightning warnings that describe what we do on purpose (frozen modules in eval, checkpoints after the
 # optimizer step, our config files in the run folder before the CSV logger starts).
@@ -122,13 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--recipes" in argv:
         print("\n".join(recipe_names()))
         return 0
+    if "--help-config" in argv:
+        print(help_text(markdown="--markdown" in argv), end="")
+        return 0
     show = "--cfg" in argv
-    argv = [a for a in argv if a != "--cfg"]
-    from dcae_train.training.module import NonFiniteLossError
-    from dcae_train.training.run import build_run
-
     try:
-        cfg = compose_config(argv)
+        cfg = compose([a for a in argv if a != "--cfg"])
         if show:
             print(OmegaConf.to_yaml(cfg))
             return 0
@@ -147,13 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_NONFINITE
 
 
-def fit(run) -> int:
+def fit(run: Run) -> int:
     if run.cfg.validate_at_start and run.ckpt_path is None:
         run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
     run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path)
     if run.trainer.is_global_zero:
         print(f"run folder: {run.run_dir}")
-    if getattr(run.trainer, "dcae_preempted", False):
+    if run.preemption.requested:
         print(f"preempted at step {run.trainer.global_step}: continue with resume=auto", file=sys.stderr)
         return EXIT_PREEMPTED
     return 0

@@ -5,7 +5,8 @@
 
 Reports per-channel mean/std, overall mean/std/RMS, and `scaling_factor = 1 / RMS` in the diffusers convention:
 the diffusion model sees `encode(x) * scaling_factor` (multiply on encode, divide on decode; no shift).
-Never carry a factor across conventions: Open-Sora's DC-AE divides by std instead (architecture.md section 4).
+Never carry a factor across conventions: Open-Sora's DC-AE divides by std instead (docs/architecture.md,
+"Latent scaling").
 `--write-config` sets `scaling_factor` in an exported diffusers model's `config.json`.
 """
 
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from dcae_train.evaluate import DTYPES, load_eval_model, setup_ranks
 from dcae_train.evaluation.data import eval_loader, resolve_data
@@ -107,13 +109,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     quota = -(-args.num_images // ranks.world_size) if args.num_images else None
     progress = None
     if not args.no_progress and ranks.rank == 0:
-        from tqdm.auto import tqdm
-
         progress = tqdm(total=quota, unit="img", desc="latent stats", file=sys.stderr)
     t0 = time.perf_counter()
     stats = compute_latent_stats(model, loader, ranks.device, DTYPES[args.dtype], quota, progress)
     stats.update(model=args.model, data=args.data, resolution=args.resolution, seconds=time.perf_counter() - t0)
-    stats["model_scaling_factor"] = float(getattr(model, "scaling_factor", float("nan")))
+    stats["model_scaling_factor"] = float(model.scaling_factor)
     if ranks.rank == 0:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(stats, indent=2) + "\n")

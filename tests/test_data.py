@@ -11,17 +11,20 @@ import pytest
 import torch
 from _helpers_data import clean_shards, jpeg, messy_samples, png, png_bomb, write_tar
 
-from dcae_train.data import DataConfig, ImageDataModule, TrainStream, TransformSpec, ValStream, demo_shards
+from dcae_train.config import to_config
+from dcae_train.data import DataConfig, TrainStream, TransformSpec, ValStream, demo_shards
 from dcae_train.data.shards import list_images, write_shards
+from dcae_train.data.specs import sources_from_spec
 from dcae_train.data.transforms import BadSample, decode_and_crop
-from dcae_train.data.webdataset import StreamLoader, sources_from_spec
+from dcae_train.data.webdataset import StreamLoader
+from dcae_train.training.datamodule import ImageDataModule
 
 # Config -------------------------------------------------------------------------------------------
 
 
 def test_config_unknown_key_named():
-    with pytest.raises(ValueError, match="shufle_buffer"):
-        DataConfig.from_dict({"shufle_buffer": 10})
+    with pytest.raises(ValueError, match="data.shufle_buffer: not a config key; did you mean data.shuffle_buffer"):
+        to_config({"data": {"train": "demo", "shufle_buffer": 10}})
 
 
 @pytest.mark.parametrize(
@@ -31,22 +34,21 @@ def test_config_unknown_key_named():
         ({"small_images": "pad"}, "data.small_images"),
         ({"epoch_batches": 0}, "epoch_batches"),
         ({"crop_scale": [0.5, 0.2]}, "crop_scale"),
-        ({"train": "shards/{0..3}.tar"}, "data.val is required"),
+        ({"train": "shards/{0..3}.tar"}, "data.val=None: is required when data.train names your shards"),
         ({"train": [{"spec": "a.tar", "weight": 0}], "val": "demo"}, r"data.train\[0\].weight"),
         ({"train": [{"spec": "a.tar", "wieght": 1}], "val": "demo"}, "wieght"),
     ],
 )
 def test_config_bad_values_named(kw, match):
-    with pytest.raises(ValueError, match=match):
-        DataConfig(**kw)
+    with pytest.raises(ValueError, match=match):  # through the schema, the error names the full key
+        to_config({"data": {"train": "demo", **kw}})
+    with pytest.raises(ValueError, match=match.replace("data.", "")):  # built directly: the keys of DataConfig
+        DataConfig(**{"train": "demo", **kw})
 
 
-def test_config_alias_and_omegaconf_input():
-    from omegaconf import OmegaConf
-
-    cfg = DataConfig.from_dict(
-        OmegaConf.create({"crop": "adm", "train": [{"spec": "a.tar", "weight": 2}, {"spec": ["b.tar"]}], "val": "v"})
-    )
+def test_config_alias_and_mixture(tmp_path):
+    a, b = clean_shards(tmp_path, [1, 1])
+    cfg = to_config({"data": {"crop": "adm", "train": [{"spec": a, "weight": 2}, {"spec": [b]}], "val": b}}).data
     assert cfg.crop == "center" and cfg.train[0]["weight"] == 2
 
 
@@ -122,7 +124,7 @@ def test_alpha_composited_on_white():
 def test_messy_shard_yields_only_valid_tensors_and_counts_every_bad_sample(tmp_path):
     samples, num_bad = messy_samples()
     url = str(write_tar(tmp_path / "messy-000000.tar", samples))
-    cfg = DataConfig(train=url, val=url, num_workers=0, warn_every_s=3600)
+    cfg = DataConfig(train=url, val=url, num_workers=0, val_num_workers=0, warn_every_s=3600)
     dm = ImageDataModule(cfg, resolution=64, batch_size=3)
     dm.setup()
     images, keys = [], []
@@ -321,7 +323,9 @@ def test_datamodule_with_lightning_trainer(tmp_path, monkeypatch):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    dm = ImageDataModule(DataConfig(num_workers=1, epoch_batches=3), resolution=64, batch_size=2, seed=3)
+    dm = ImageDataModule(
+        DataConfig(train="demo", num_workers=1, val_num_workers=1, epoch_batches=3), resolution=64, batch_size=2, seed=3
+    )
     probe = Probe()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=5, max_epochs=-1, val_check_interval=5,
                         check_val_every_n_epoch=None, limit_val_batches=2, logger=False, enable_checkpointing=False,

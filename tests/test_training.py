@@ -13,14 +13,16 @@ import pytest
 import torch
 
 from dcae_train import cli
-from dcae_train.training.run import build_run, phase_config, to_config, validate
+from dcae_train.config import compose as compose_config
+from dcae_train.config import recipe_names, to_config
+from dcae_train.training.run import build_run
 
-RECIPES = cli.recipe_names()
+RECIPES = recipe_names()
 SMOKE = ["debug=smoke", "data=demo", "data.num_workers=0"]
 
 
 def compose(tmp_path: Path, *overrides: str):
-    return cli.compose_config([f"runs_dir={tmp_path / 'runs'}", *SMOKE, *overrides])
+    return compose_config([f"runs_dir={tmp_path / 'runs'}", *SMOKE, *overrides])
 
 
 def run_cli(tmp_path: Path, *overrides: str) -> int:
@@ -53,27 +55,26 @@ def test_recipes_exist_for_every_released_variant():
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("phase", [1, 2, 3])
 def test_every_recipe_and_phase_composes_and_validates(tmp_path, recipe, phase):
-    cfg = to_config(compose(tmp_path, f"recipe={recipe}", f"phase={phase}"))
-    assert cfg.recipe == recipe
-    validate(cfg, phase_config(cfg))
+    cfg = to_config(compose(tmp_path, f"recipe={recipe}", f"phase={phase}"))  # every rule of every part checked
+    assert cfg.recipe == recipe and cfg.phase_config is getattr(cfg.phases, f"p{phase}")
 
 
 @pytest.mark.parametrize("recipe", [r for r in RECIPES if r != "quickstart"])
 def test_released_recipe_models_build_full_size_on_meta(tmp_path, recipe):
     from dcae_train.models import build_model
 
-    cfg = to_config(cli.compose_config([f"recipe={recipe}", "data=demo"]))
+    cfg = to_config(compose_config([f"recipe={recipe}", "data=demo"]))
     with torch.device("meta"):
-        model = build_model(cfg.model["variant"])
+        model = build_model(cfg.model.variant)
     assert sum(p.numel() for p in model.parameters()) > 300e6
     ratio = model.spatial_compression_ratio
-    for p in cfg.phases.values():
+    for p in (cfg.phases.p1, cfg.phases.p2, cfg.phases.p3):
         assert p.resolution % ratio == 0
 
 
 def test_default_is_quickstart_phase1(tmp_path):
-    cfg = to_config(cli.compose_config([]))
-    assert (cfg.recipe, cfg.phase, cfg.model["variant"]) == ("quickstart", 1, "tiny")
+    cfg = to_config(compose_config([]))
+    assert (cfg.recipe, cfg.phase, cfg.model.variant) == ("quickstart", 1, "tiny")
 
 
 def test_released_recipe_without_data_names_the_missing_key(tmp_path, capsys):
@@ -83,9 +84,9 @@ def test_released_recipe_without_data_names_the_missing_key(tmp_path, capsys):
 
 def test_unknown_key_and_recipe_fail_clearly():
     with pytest.raises(ValueError, match="lrr"):
-        cli.compose_config(["phases.p1.optimizer.lrr=1"])
+        compose_config(["phases.p1.optimizer.lrr=1"])
     with pytest.raises(ValueError, match="not a recipe"):
-        cli.compose_config(["recipe=nope"])
+        compose_config(["recipe=nope"])
     assert cli.main(["phases.p1.optimizer.lrr=1"]) == cli.EXIT_CONFIG
 
 

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import skimage.data
 from PIL import Image
 
 from dcae_train.data.shards import write_shards
@@ -38,8 +39,6 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _photo_dir() -> Path:
-    import skimage.data
-
     return Path(skimage.data.__file__).parent
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+from tqdm import tqdm
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -131,8 +132,6 @@ def _read(item: str | os.PathLike | tuple[str, bytes]) -> tuple[str, bytes]:
 
 
 def _write_all(items: list, out: Path, per_shard: int, prefix: str, max_side: int | None, progress: bool):
-    from tqdm import tqdm
-
     report, pending, index = ShardReport(), [], 0
     for item in tqdm(items, desc="shards", unit="img", disable=not progress):
         try:

@@ -15,67 +15,24 @@ the union over ranks is the same set at any world size.
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
 import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
-import braceexpand
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
+from dcae_train.data.specs import Source
 from dcae_train.data.transforms import BadSample, TransformSpec, decode_and_crop, image_bytes
 
 log = logging.getLogger("dcae_train.data")
 
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://")
 
-
-# Shard specs -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Source:
-    urls: tuple[str, ...]
-    weight: float = 1.0
-
-
-def expand_urls(spec: str | list[str]) -> list[str]:
-    """A string (brace pattern, `a::b`, a folder of .tar files, URL) or a list of them -> shard URLs."""
-    if isinstance(spec, list | tuple):
-        return [u for s in spec for u in expand_urls(s)]
-    urls: list[str] = []
-    for part in str(spec).split("::"):
-        part = os.path.expanduser(part.strip())
-        if os.path.isdir(part):
-            urls.extend(sorted(glob.glob(os.path.join(part, "*.tar"))))
-        else:
-            urls.extend(braceexpand.braceexpand(part))
-    return urls
-
-
-def sources_from_spec(spec: Any, where: str) -> list[Source]:
-    """A checked DataConfig spec -> sources (one, or one per mixture entry); local shards must exist."""
-    if isinstance(spec, list | tuple) and spec and isinstance(spec[0], dict):
-        sources = [Source(tuple(expand_urls(e["spec"])), float(e.get("weight", 1.0))) for e in spec]
-    else:
-        sources = [Source(tuple(expand_urls(spec)))]
-    for i, src in enumerate(sources):
-        if not src.urls:
-            raise ValueError(f"{where}: source {i} ({spec!r}) expands to no shards; check the path or pattern")
-        missing = [u for u in src.urls if not u.startswith(REMOTE_PREFIXES) and not os.path.exists(u)]
-        if missing:
-            raise ValueError(
-                f"{where}: {len(missing)} of {len(src.urls)} shards do not exist, e.g. {missing[:3]}; "
-                "fix the path/pattern (or make shards with scripts/make_shards.py)"
-            )
-    return sources
+# Shard slices -------------------------------------------------------------------------------------
 
 
 def slice_shards(urls: tuple[str, ...], index: int, count: int) -> tuple[str, ...]:
@@ -332,7 +289,7 @@ class StreamLoader:
         return self._skipped_done + sum(self._skipped_now.values())
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if hasattr(self.stream, "epoch"):
+        if isinstance(self.stream, TrainStream):  # the validation stream is the same every time
             self.stream.epoch = self.epoch_fn() if self.epoch_fn is not None else self._iterations
         self._iterations += 1
         self._skipped_done, self._skipped_now = self.skipped, {}

@@ -1,7 +1,7 @@
 """Evaluation images: an image folder or WebDataset shards, ADM centre-cropped, split across ranks.
 
-The crop is the one of the official evaluator (ADM / guided-diffusion `center_crop_arr`, architecture.md
-section 6): BOX-halve while the short side is >= 2 * res, BICUBIC-resize the short side to res, centre crop.
+The crop is the one of the official evaluator (ADM / guided-diffusion `center_crop_arr`, docs/evaluation.md):
+BOX-halve while the short side is >= 2 * res, BICUBIC-resize the short side to res, centre crop.
 Each item is `{"image": (3, res, res) float in [-1, 1], "__key__": str}`.
 """
 
@@ -15,9 +15,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import braceexpand
 import numpy as np
 import torch
 from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -85,8 +87,6 @@ def resolve_data(source: str) -> EvalData:
 
 
 def _expand_braces(pattern: str) -> list[str]:
-    import braceexpand
-
     return list(braceexpand.braceexpand(pattern))
 
 
@@ -111,8 +111,6 @@ class _ShardDataset(torch.utils.data.IterableDataset):
         self.shards, self.res, self.limit = shards, res, limit
 
     def __iter__(self) -> Iterator[dict]:
-        from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
-
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         mine = [{"url": str(s)} for s in self.shards[wid::nw]]

@@ -1,6 +1,6 @@
 """Running latent statistics: per-channel mean/std, overall mean/std/RMS, and the diffusers scaling factor.
 
-diffusers convention (architecture.md section 4): the diffusion model sees z * scaling_factor, with
+diffusers convention (docs/architecture.md, "Latent scaling"): the diffusion model sees z * scaling_factor, with
 scaling_factor = 1 / RMS(z) and no shift. float64 sums, so batches and ranks merge exactly.
 """
 

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image, ImageDraw
 
-# Published rows to compare against (architecture.md section 6); same protocol, full datasets.
+# Published rows to compare against (docs/evaluation.md, "Published numbers"); same protocol, full datasets.
 PUBLISHED = [
     ("dc-ae-f64c128-in-1.0", "ImageNet val, 512", "50,000", 0.2168, 26.149, 0.7105, 0.0802),
     ("dc-ae-f32c32-sana-1.0", "MJHQ, 1024", "30,000", 0.339, 29.31, None, None),
@@ -72,8 +73,6 @@ def worst_grid(worst: list[dict[str, Any]]) -> torch.Tensor:
 
 def save_worst_grid(worst: list[dict[str, Any]], path: Path) -> None:
     """PNG of `worst_grid`, each row labelled with its key and PSNR."""
-    from PIL import Image, ImageDraw
-
     if not worst:
         return
     grid = worst_grid(worst)

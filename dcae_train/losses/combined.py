@@ -6,155 +6,41 @@
 
 lambda is the adaptive weight ||grad L_rec|| / ||grad L_G|| at the decoder's last layer (taming/LDM), or 1.
 Two start steps, because the peers that switch D and G on together see reconstructions degrade while D is still
-random (taming #20, #44; recipe.md section 8): D can warm up first. Before `gan_start` the adversarial term is not
-just zero-weighted: D is not run for the generator at all. `step` is the caller's batch counter (the trainer passes
-its autoencoder-update count, not Lightning's doubled global_step).
+random (taming #20, #44; docs/recipe.md, "Lessons from other trainers"): D can warm up first. Before `gan_start`
+the adversarial term is not just zero-weighted: D is not run for the generator at all. `step` is the caller's batch
+counter (the trainer passes its autoencoder-update count, not Lightning's doubled global_step).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import math
-from dataclasses import dataclass, field, fields
-from typing import Any
-
 import torch
 from torch import nn
 
-from dcae_train.losses.discriminator import DISC_NORMS, NLayerDiscriminator
-from dcae_train.losses.gan import GAN_LOSSES, adaptive_weight, d_loss_fn, g_loss_fn
-from dcae_train.losses.perceptual import TRUNK_WEIGHTS, PerceptualLoss
+from dcae_train.losses.config import LossConfig, PerceptualConfig
+from dcae_train.losses.discriminator import NLayerDiscriminator
+from dcae_train.losses.gan import adaptive_weight, d_loss_fn, g_loss_fn
+from dcae_train.losses.perceptual import LPIPS
 from dcae_train.losses.reconstruction import l1_loss, l2_loss
-
-
-def _reject_unknown_keys(prefix: str):
-    """Make `Config(**d)` raise ValueError naming an unknown key (a dataclass raises a bare TypeError)."""
-
-    def wrap(cls):
-        init = cls.__init__
-        names = [f.name for f in fields(cls)]
-
-        @functools.wraps(init)
-        def checked_init(self, *args, **kwargs):
-            unknown = sorted(set(kwargs) - set(names))
-            if unknown:
-                raise ValueError(f"{prefix}{unknown[0]}: unknown key; valid keys are {', '.join(names)}")
-            init(self, *args, **kwargs)
-
-        cls.__init__ = checked_init
-        return cls
-
-    return wrap
-
-
-@_reject_unknown_keys("loss.disc.")
-@dataclass
-class DiscConfig:
-    """The PatchGAN discriminator (NLayerDiscriminator)."""
-
-    layers: int = 3  # stride-2 levels; 3 -> 70x70 px patches (pix2pix, taming, [3P])
-    width: int = 64  # channels of the first conv; doubles per level, capped at 8x
-    norm: str = "batch"  # "batch" (taming), "group" (batch-size independent) or "none"
-
-    def __post_init__(self) -> None:
-        for key in ("layers", "width"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"loss.disc.{key}={value!r} must be a positive integer, e.g. layers=3, width=64")
-        if self.norm not in DISC_NORMS:
-            raise ValueError(f"loss.disc.norm={self.norm!r} is not supported; use one of {', '.join(DISC_NORMS)}")
-
-
-@_reject_unknown_keys("loss.")
-@dataclass
-class LossConfig:
-    """Loss weights and GAN settings of one phase (the recipe's `phases.pN.loss`)."""
-
-    l1: float = 1.0  # [M] phases 1-2 train on L1 + LPIPS (efficientvit #143)
-    l2: float = 0.0  # MSE, for ablations
-    lpips: float = 1.0  # LDM uses 1.0; the [3P] re-implementation 0.25
-    lpips_net: str = "vgg"  # trunk of the training LPIPS: "vgg" (LDM) or "alex" (the evaluation LPIPS)
-    gan: float = 0.0  # adversarial weight; > 0 builds the discriminator (phase 3)
-    gan_loss: str = "hinge"  # "hinge" (taming, [3P]) or "non_saturating"
-    adaptive_weight: bool = True  # scale the GAN term by ||grad L_rec|| / ||grad L_G|| at the last layer
-    max_adaptive_weight: float = 1e4  # clamp of that ratio (LDM)
-    disc: DiscConfig = field(default_factory=DiscConfig)
-    disc_start: int = 0  # first step on which the discriminator trains
-    gan_start: int = 0  # first step on which the generator gets the adversarial term (>= disc_start)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.disc, dict):
-            self.disc = DiscConfig(**self.disc)
-        elif not isinstance(self.disc, DiscConfig):
-            raise ValueError(f"loss.disc={self.disc!r} must be a mapping such as {{layers: 3, width: 64}}")
-        self._check_weights()
-        self._check_choices()
-        self._check_steps()
-
-    def _check_weights(self) -> None:
-        for key in ("l1", "l2", "lpips", "gan", "max_adaptive_weight"):
-            value = getattr(self, key)
-            if not _is_number(value) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"loss.{key}={value!r} must be a finite number >= 0")
-        if self.l1 == self.l2 == self.lpips == 0:
-            raise ValueError("loss.l1, loss.l2 and loss.lpips are all 0: set at least one, e.g. loss.l1=1.0")
-        if self.max_adaptive_weight == 0:
-            raise ValueError("loss.max_adaptive_weight=0 would switch the GAN term off; use loss.gan=0 for that")
-
-    def _check_choices(self) -> None:
-        if self.lpips_net not in TRUNK_WEIGHTS:
-            raise ValueError(f"loss.lpips_net={self.lpips_net!r}: use one of {', '.join(TRUNK_WEIGHTS)}")
-        if self.gan_loss not in GAN_LOSSES:
-            raise ValueError(f"loss.gan_loss={self.gan_loss!r}: use one of {', '.join(GAN_LOSSES)}")
-        if not isinstance(self.adaptive_weight, bool):
-            raise ValueError(f"loss.adaptive_weight={self.adaptive_weight!r} must be true or false")
-
-    def _check_steps(self) -> None:
-        for key in ("disc_start", "gan_start"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"loss.{key}={value!r} must be an integer step >= 0")
-        if self.gan_start < self.disc_start:
-            raise ValueError(
-                f"loss.gan_start={self.gan_start} < loss.disc_start={self.disc_start}: the generator would train "
-                f"against an untrained discriminator; set gan_start >= disc_start (e.g. gan_start={self.disc_start})"
-            )
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> LossConfig:
-        return cls(**dict(d or {}))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class AutoencoderLoss(nn.Module):
     """Generator and discriminator losses of one phase. Only the discriminator's parameters are trainable."""
 
     def __init__(
-        self,
-        config: LossConfig,
-        *,
-        lpips_pretrained: bool = True,
-        require_pretrained: bool = True,
-        allow_download: bool = True,
+        self, config: LossConfig, perceptual: PerceptualConfig | None = None, *, lpips_pretrained: bool = True
     ) -> None:
+        """`perceptual`: where the LPIPS trunk comes from (default: required, downloaded when missing);
+        `lpips_pretrained=False`: a random trunk that never touches the cache or the network (tests)."""
         super().__init__()
-        if not isinstance(config, LossConfig):
-            raise ValueError(f"AutoencoderLoss takes a LossConfig, got {type(config).__name__}; use LossConfig(**d)")
         self.config = config
-        self.perceptual: PerceptualLoss | None = None
+        self.perceptual: LPIPS | None = None
         if config.lpips > 0:
-            self.perceptual = PerceptualLoss(
+            p = perceptual or PerceptualConfig()
+            self.perceptual = LPIPS(
                 config.lpips_net,
-                lpips_pretrained,
-                require_pretrained=require_pretrained,
-                allow_download=allow_download,
+                pretrained=lpips_pretrained,
+                require_pretrained=p.require_pretrained,
+                allow_download=p.allow_download,
             )
         self.discriminator: NLayerDiscriminator | None = None
         if config.gan > 0:

@@ -15,13 +15,13 @@ import math
 import torch
 from torch import nn
 
-DISC_NORMS = ("batch", "group", "none")
+from dcae_train.losses.config import DISC_NORMS
 
 
 class NLayerDiscriminator(nn.Module):
     def __init__(self, in_channels: int = 3, width: int = 64, n_layers: int = 3, norm: str = "batch") -> None:
         super().__init__()
-        _check_args(in_channels, width, n_layers, norm)
+        assert norm in DISC_NORMS and min(in_channels, width, n_layers) >= 1, "DiscConfig checks these"
         self.in_channels = in_channels
         self.n_layers = n_layers
         layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
@@ -71,11 +71,3 @@ def _dcgan_init(m: nn.Module) -> None:
     elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
         nn.init.normal_(m.weight, 1.0, 0.02)
         nn.init.zeros_(m.bias)
-
-
-def _check_args(in_channels: int, width: int, n_layers: int, norm: str) -> None:
-    if norm not in DISC_NORMS:
-        raise ValueError(f"disc.norm={norm!r} is not supported; use one of {', '.join(DISC_NORMS)}")
-    for key, value in (("in_channels", in_channels), ("disc.width", width), ("disc.layers", n_layers)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{key}={value!r} must be a positive integer (e.g. disc.layers=3, disc.width=64)")
