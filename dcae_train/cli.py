@@ -62,14 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet_known_warnings()
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        return 0
-    if "--recipes" in argv:
-        print("\n".join(recipe_names()))
-        return 0
-    if "--help-config" in argv:
-        print(help_text(markdown="--markdown" in argv), end="")
+    info = _information(argv)
+    if info is not None:
+        print(info, end="")
         return 0
     show = "--cfg" in argv
     try:
@@ -90,6 +85,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_NONFINITE
+
+
+def _information(argv: Sequence[str]) -> str | None:
+    """What --help, --recipes and --help-config print (None: a training run)."""
+    if any(a in ("-h", "--help") for a in argv):
+        return USAGE
+    if "--recipes" in argv:
+        return "\n".join(recipe_names()) + "\n"
+    if "--help-config" in argv:
+        return help_text(markdown="--markdown" in argv)
+    return None
 
 
 def fit(run: Run) -> int:

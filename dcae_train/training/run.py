@@ -61,14 +61,9 @@ def build_run(cfg_in: DictConfig | TrainConfig) -> Run:
     model = build_run_model(cfg, paths["init_from"] if not paths["resume"] else None)
     loss = AutoencoderLoss(phase.loss, cfg.perceptual)
     meta = CheckpointMeta(
-        config=model.config.to_dict(),
-        variant=cfg.model.variant,
-        scaling_factor=float(model.scaling_factor),
-        phase=cfg.phase,
-        recipe=cfg.recipe,
-        parent=paths["init_from"],
-        lpips_pretrained=loss.perceptual.pretrained if loss.perceptual is not None else True,
-    )
+        model.config.to_dict(), cfg.model.variant, float(model.scaling_factor), cfg.phase, cfg.recipe,
+        parent=paths["init_from"], lpips_pretrained=loss.perceptual.pretrained if loss.perceptual else True,
+    )  # fmt: skip
     module = AutoencoderModule(
         model, loss, phase, meta=meta, max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
         channels_last=cfg.model.channels_last,
