@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import multiprocessing as mp
 import random
@@ -252,7 +253,7 @@ def test_make_shards_folder_manifest_and_overwrite(tmp_path):
     assert len(list(out.glob("*.tar"))) == 1
 
 
-def test_make_shards_script_cli(tmp_path):
+def test_make_shards_script_cli(tmp_path, capsys):
     import subprocess
     import sys
 
@@ -262,12 +263,15 @@ def test_make_shards_script_cli(tmp_path):
         (src / f"{i}.jpg").write_bytes(jpeg(64, 64, seed=i))
     lst = tmp_path / "list.txt"
     lst.write_text("images/0.jpg\nimages/2.jpg\n")
-    cmd = [sys.executable, "scripts/make_shards.py", str(lst), str(tmp_path / "out"), "--samples-per-shard", "1"]
+    args = [str(lst), str(tmp_path / "out"), "--samples-per-shard", "1"]
     root = Path(__file__).resolve().parents[1]
-    subprocess.run(cmd + ["--no-progress"], check=True, cwd=root, capture_output=True)
+    script = root / "scripts" / "make_shards.py"
+    subprocess.run([sys.executable, str(script), *args, "--no-progress"], check=True, cwd=root, capture_output=True)
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["total"] == 2
-    again = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
-    assert again.returncode != 0 and "overwrite" in again.stderr
+    spec = importlib.util.spec_from_file_location("make_shards", script)  # the same main(), in this process
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(args) == 2 and "overwrite" in capsys.readouterr().err
 
 
 # Demo dataset ----------------------------------------------------------------------------------------

@@ -86,6 +86,25 @@ def unit_normalize(feat: torch.Tensor, eps: float = _NORM_EPS) -> torch.Tensor:
 
 
 def _build_lpips(net: str) -> lpips.LPIPS:
+    """The lpips network with the package's linear heads and the seeded random trunk.
+
+    Built for real once per process and net, then copied: lpips constructs the whole torchvision model, whose
+    classifier (discarded) costs ~1 s of random init for VGG16; the copy is built on the meta device and
+    filled with the first build's tensors, so every build holds the same values as a real construction."""
+    if net not in _CONSTRUCTED:
+        _CONSTRUCTED[net] = {k: v.clone() for k, v in _construct(net).state_dict().items()}
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore")  # the meta build's head loading and torchvision's deprecations
+        lp = _construct(net)
+    lp.to_empty(device="cpu")
+    lp.load_state_dict(_CONSTRUCTED[net], strict=True)
+    return lp
+
+
+_CONSTRUCTED: dict[str, dict[str, torch.Tensor]] = {}  # net -> state_dict of the real, seeded construction
+
+
+def _construct(net: str) -> lpips.LPIPS:
     # pnet_rand=True: lpips would otherwise let torchvision download the trunk, unverified; we load it ourselves.
     # The fixed seed makes the random trunk identical across ranks and runs without touching the global RNG.
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
