@@ -29,6 +29,7 @@ from dcae_train.data.config import DataConfig
 from dcae_train.evaluation.config import EvaluationConfig
 from dcae_train.losses.config import PerceptualConfig
 from dcae_train.models.options import ModelConfig
+from dcae_train.models.variants import variant_config
 from dcae_train.schema import ConfigError, KeyInfo, UnknownKeyError, build, config_keys, key_paths, require
 from dcae_train.training.config import LoggerConfig, PhaseConfig, Phases, TrainerConfig
 
@@ -74,10 +75,26 @@ class TrainConfig:
                 lo, hi = max(ratio, res // ratio * ratio), (res // ratio + 1) * ratio
                 rule = f"must be a multiple of {ratio} for model.variant={self.model.variant} (nearest: {lo}, {hi})"
                 raise ConfigError(f"{p}.{name}", res, rule, lo)
+        self._check_prefixes(f"{p}.latent_prefixes.channels", phase.latent_prefixes.channels, end=True)
+        self._check_prefixes("evaluation.latent_channels", self.evaluation.latent_channels, end=False)
         if self.phase == 3 and phase.loss.gan <= 0:
             raise ConfigError(
                 f"{p}.loss.gan", phase.loss.gan, "phase 3 (local refinement) trains with a GAN loss: set it > 0", 0.5
             )
+
+    def _check_prefixes(self, key: str, prefixes: list[int], *, end: bool) -> None:
+        """Latent channel prefixes need a variant without a shortcut around the latent, and fit its latent."""
+        if not prefixes:
+            return
+        arch = variant_config(self.model.variant)
+        c = arch.latent_channels
+        if not arch.takes_latent_prefixes:
+            rule = f"model.variant={self.model.variant} has a shortcut around the latent: no channel prefixes"
+            raise ConfigError(key, prefixes, f"{rule} (DC-AE 1.5 variants take them)", [])
+        if (prefixes[-1] != c) if end else (prefixes[-1] > c):
+            where = "end at" if end else "stay within"
+            rule = f"must {where} the {c} latent channels of model.variant={self.model.variant}"
+            raise ConfigError(key, prefixes, rule, [c // 2, c])
 
     @property
     def phase_config(self) -> PhaseConfig:

@@ -23,10 +23,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dcae_train.evaluation.data import EvalData, eval_loader, resolve_data
-from dcae_train.evaluation.evaluator import ReconstructionEvaluator, evaluate_model
+from dcae_train.evaluation.evaluator import ReconstructionEvaluator, compute_all, evaluate_model
 from dcae_train.evaluation.extractors import build_feature_extractor, extractor_id
 from dcae_train.evaluation.reference import load_reference, reference_path
-from dcae_train.evaluation.reports import markdown_table, save_worst_grid, write_json
+from dcae_train.evaluation.reports import markdown_table, prefix_table, save_prefix_plot, save_worst_grid, write_json
 from dcae_train.losses.perceptual import LPIPS
 from dcae_train.models import DCAE, VARIANTS, build_model
 from dcae_train.weights import load_model
@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="reference-statistics folder (default $DCAE_TRAIN_CACHE/fid_stats)",
     )
+    p.add_argument(
+        "--latent-channels",
+        type=channel_list,
+        default=[],
+        help="DC-AE 1.5: also evaluate these latent prefixes, e.g. 16,32,64,128 (a table in eval.md, prefixes.png)",
+    )
     p.add_argument("--worst", type=int, default=8, help="images in worst.png")
     p.add_argument("--out", type=Path, default=Path("eval"))
     p.add_argument("--no-progress", action="store_true")
@@ -73,6 +79,27 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--resolution={args.resolution} and --batch-size={args.batch_size} must be positive")
     if args.num_images is not None and args.num_images < 2 and args.fid != "off":
         raise ValueError(f"--num-images={args.num_images}: FID needs at least 2 images (or pass --fid off)")
+
+
+def channel_list(text: str) -> list[int]:
+    """`16,32,64` -> [16, 32, 64] (ascending, positive)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated channel counts, e.g. 16,32,64,128") from None
+    if not values or values != sorted(set(values)) or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give ascending channel counts >= 1, e.g. 16,32,64,128")
+    return values
+
+
+def check_prefixes(model: DCAE, prefixes: list[int], flag: str = "--latent-channels") -> None:
+    """Prefixes need a variant without a shortcut around the latent and must fit its latent."""
+    if not prefixes:
+        return
+    if not model.config.takes_latent_prefixes:
+        raise ValueError(f"{flag}: this model has a shortcut around the latent and takes no prefixes (DC-AE 1.5 does)")
+    if prefixes[-1] > model.latent_channels:
+        raise ValueError(f"{flag}={prefixes}: the model has {model.latent_channels} latent channels")
 
 
 # Distributed --------------------------------------------------------------------------------------------
@@ -128,6 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lpips, features = build_metrics(args)
     model = load_eval_model(args.model, not args.raw, args.random_init, args.seed).to(ranks.device)
     _check_resolution(model, args.resolution)
+    check_prefixes(model, args.latent_channels)
 
     ref_path, reference = None, None
     if features is not None:
@@ -135,19 +163,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         reference = load_reference(ref_path)
     lpips = lpips.to(ranks.device) if lpips is not None else None
     features = features.to(ranks.device) if features is not None else None
-    evaluator = ReconstructionEvaluator(lpips, features, reference, worst_k=args.worst, fid_method=args.fid_method)
-
+    evaluators = {
+        p: ReconstructionEvaluator(
+            lpips,
+            features,
+            reference,
+            worst_k=args.worst if p is None else 0,
+            fid_method=args.fid_method,
+            real_features=p is None,
+        )  # fmt: skip
+        for p in [None, *args.latent_channels]
+    }
     loader = eval_loader(data, args.resolution, args.batch_size, args.num_workers, args.num_images, **_rank_kw(ranks))
     quota = -(-args.num_images // ranks.world_size) if args.num_images else None
-    timing = evaluate_model(
-        model, loader, evaluator, ranks.device, DTYPES[args.dtype], quota, _progress(args, ranks, data, quota)
-    )
-    metrics = evaluator.compute()
-    if ranks.rank == 0 and features is not None and reference is None and evaluator.real is not None:
-        evaluator.real.save(ref_path, {"data": args.data, "resolution": args.resolution})
+    progress = _progress(args, ranks, data, quota)
+    timing = evaluate_model(model, loader, evaluators, ranks.device, DTYPES[args.dtype], quota, progress)
+    metrics = compute_all(evaluators)
+    full = evaluators[None]
+    if ranks.rank == 0 and features is not None and reference is None and full.real is not None:
+        full.real.save(ref_path, {"data": args.data, "resolution": args.resolution})
     result = _result(args, ranks, model, metrics, timing, features, ref_path, reference is not None)
     if ranks.rank == 0:
-        write_reports(result, evaluator.worst(), args.out)
+        write_reports(result, full.worst(), args.out)
     return result
 
 
@@ -168,8 +205,10 @@ def _progress(args: argparse.Namespace, ranks: Ranks, data: EvalData, quota: int
     return tqdm(total=total, unit="img", desc="evaluate", file=sys.stderr)
 
 
-def _result(args, ranks, model, metrics, timing, features, ref_path, cached) -> dict[str, Any]:
+def _result(args, ranks, model, per_prefix, timing, features, ref_path, cached) -> dict[str, Any]:
+    metrics = dict(per_prefix[None])
     latent = metrics.pop("latent", None)
+    prefixes = [{"latent_channels": p, **m} for p, m in per_prefix.items() if p is not None]
     device = str(ranks.device) if ranks.device.type == "cpu" else torch.cuda.get_device_name(ranks.device)
     return {
         "model": args.model,
@@ -178,6 +217,7 @@ def _result(args, ranks, model, metrics, timing, features, ref_path, cached) -> 
         "resolution": args.resolution,
         "metrics": metrics,
         "latent": latent,
+        "prefixes": prefixes,  # DC-AE 1.5: the metrics and latent statistics of each --latent-channels prefix
         "model_scaling_factor": float(model.scaling_factor),
         "fid_features": extractor_id(features) if features is not None else None,
         "reference_stats": {"path": str(ref_path), "cached": cached} if ref_path else None,
@@ -197,15 +237,17 @@ def _result(args, ranks, model, metrics, timing, features, ref_path, cached) -> 
 def write_reports(result: dict[str, Any], worst: list[dict], out: Path) -> None:
     result["worst"] = [{"key": w["key"], "psnr": w["psnr"]} for w in worst]
     write_json(result, out / "eval.json")
-    (out / "eval.md").write_text(markdown_table(result))
+    (out / "eval.md").write_text(markdown_table(result) + prefix_table(result))
     save_worst_grid(worst, out / "worst.png")
+    if result["prefixes"]:
+        save_prefix_plot(result, out / "prefixes.png")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     result = run(args)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(markdown_table(result, with_published=False))
+        print(markdown_table(result, with_published=False) + prefix_table(result))
         print(f"wrote {args.out / 'eval.json'}, {args.out / 'eval.md'}, {args.out / 'worst.png'}")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

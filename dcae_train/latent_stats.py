@@ -16,15 +16,16 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dcae_train.evaluate import DTYPES, load_eval_model, setup_ranks
+from dcae_train.evaluate import DTYPES, channel_list, check_prefixes, load_eval_model, setup_ranks
 from dcae_train.evaluation.data import eval_loader, resolve_data
 from dcae_train.evaluation.latents import LatentAccumulator
 
@@ -37,8 +38,11 @@ def compute_latent_stats(
     dtype: torch.dtype = torch.float32,
     max_images: int | None = None,
     progress: Any = None,
+    prefixes: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """Encode every batch and summarise the (unscaled) latents; merges ranks under torch.distributed."""
+    """Encode every batch and summarise the (unscaled) latents; merges ranks under torch.distributed.
+    `prefixes` (DC-AE 1.5): also the scaling factor of each channel prefix, from the same statistics (a prefix
+    latent is the first channels of the full one)."""
     was_training = model.training
     model.eval()
     acc, seen = None, 0
@@ -57,7 +61,20 @@ def compute_latent_stats(
     if acc is None:
         raise ValueError("no images were encoded: the dataset is empty or --num-images is 0")
     acc.all_reduce()
-    return {**acc.summary(), "num_images_this_rank": seen}
+    stats = {**acc.summary(), "num_images_this_rank": seen}
+    if prefixes:
+        stats["prefix_scaling_factors"] = {str(c): f for c, f in acc.prefix_scaling_factors(list(prefixes)).items()}
+    return stats
+
+
+def write_channel_scaling(path: Path, per_channel_rms: Sequence[float]) -> Path:
+    """A (C,) float32 .npy of 1 / RMS per channel: multiply latent channel c by entry c (the per-channel form of
+    the scaling factor; a diffusion model on a c-channel prefix uses the first c entries)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, (1.0 / np.asarray(per_channel_rms, dtype=np.float64)).astype(np.float32))
+    tmp.replace(path)  # atomic: never a half-written file under the final name
+    return path
 
 
 def write_scaling_factor(target: Path, scaling_factor: float) -> Path:
@@ -88,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--out", type=Path, default=Path("latent_stats.json"))
     p.add_argument("--write-config", type=Path, default=None, help="diffusers model dir whose scaling_factor to set")
+    p.add_argument("--latent-channels", type=channel_list, default=[], help="DC-AE 1.5: prefixes, e.g. 16,32,64,128")
+    p.add_argument("--scaling-file", type=Path, default=None, help="write 1/RMS per latent channel as a .npy array")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if (
@@ -96,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         and not (args.write_config.is_file())
     ):  # checked before any encoding
         raise ValueError(f"--write-config={args.write_config}: no config.json there; export the model first")
+    if args.scaling_file is not None and args.scaling_file.suffix != ".npy":
+        raise ValueError(f"--scaling-file={args.scaling_file}: give a .npy path, e.g. latent_scaling.npy")
     return args
 
 
@@ -104,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ranks = setup_ranks(args.device)
     data = resolve_data(args.data)
     model = load_eval_model(args.model, not args.raw, args.random_init, args.seed).to(ranks.device)
+    check_prefixes(model, args.latent_channels)
     loader = eval_loader(data, args.resolution, args.batch_size, args.num_workers, args.num_images, ranks.rank,
                          ranks.world_size)  # fmt: skip
     quota = -(-args.num_images // ranks.world_size) if args.num_images else None
@@ -111,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.no_progress and ranks.rank == 0:
         progress = tqdm(total=quota, unit="img", desc="latent stats", file=sys.stderr)
     t0 = time.perf_counter()
-    stats = compute_latent_stats(model, loader, ranks.device, DTYPES[args.dtype], quota, progress)
+    stats = compute_latent_stats(model, loader, ranks.device, DTYPES[args.dtype], quota, progress, args.latent_channels)
     stats.update(model=args.model, data=args.data, resolution=args.resolution, seconds=time.perf_counter() - t0)
     stats["model_scaling_factor"] = float(model.scaling_factor)
     if ranks.rank == 0:
@@ -122,6 +144,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{stats['model_scaling_factor']:.5f}); wrote {args.out}")  # fmt: skip
         if args.write_config is not None:
             print(f"set scaling_factor in {write_scaling_factor(args.write_config, stats['scaling_factor'])}")
+        for c, f in stats.get("prefix_scaling_factors", {}).items():
+            print(f"  first {c} channels: scaling_factor = {f:.5f}")
+        if args.scaling_file is not None:
+            print(f"wrote 1/RMS per channel to {write_channel_scaling(args.scaling_file, stats['per_channel_rms'])}")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return stats

@@ -265,7 +265,7 @@ class Plain:
         if disc is not None:
             disc.requires_grad_(False)  # as Lightning's toggled_optimizer
         with self._autocast():
-            z, x_hat = m.model.reconstruct(x)
+            (z,), (x_hat,) = m.model.reconstruct(x)
             loss, _ = loss_fn.generator_loss(x, x_hat, step=self.step_i, last_layer=self.last_layer)
         loss.backward()
         self._clip(self.opt_g, ph.optimizer.grad_clip)

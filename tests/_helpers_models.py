@@ -7,7 +7,8 @@ from torch import nn
 
 from dcae_train.models import DCAE, DCAEConfig
 
-# Published parameter totals (architecture.md section 1, "Size and compute").
+# Parameter totals (docs/architecture.md): the published ones of the 1.0 releases; for DC-AE 1.5, those of DC-Gen's
+# own model code (`dc_ae_f32_1_5`, `dc_ae_f64_1_5`, `dc_ae_f32_1_1`) built on the meta device.
 PUBLISHED_PARAMS = {
     "dc-ae-f32c32-sana-1.0": 312_250_275,
     "dc-ae-f32c32-sana-1.1": 312_250_275,
@@ -18,6 +19,9 @@ PUBLISHED_PARAMS = {
     "dc-ae-f64c128-mix-1.0": 676_896_140,
     "dc-ae-f128c512-in-1.0": 1_120_682_252,
     "dc-ae-f128c512-mix-1.0": 1_120_682_252,
+    "dc-ae-f32c128-1.1": 523_609_740,  # encoder 228,609,408 + decoder 295,000,332
+    "dc-ae-f32c128-1.5": 523_609_740,
+    "dc-ae-f64c128-1.5": 714_741_644,  # encoder 306,478,720 + decoder 408,262,924
 }
 
 # One reduced-width config per variant family (in and mix differ only in scaling_factor): 1/8 of every width and
@@ -28,8 +32,10 @@ FAMILY_WIDTHS = {
     "dc-ae-f32c32-in-1.0": 0.125,
     "dc-ae-f64c128-mix-1.0": 0.125,
     "dc-ae-f128c512-in-1.0": 0.125,
+    "dc-ae-f32c128-1.5": 0.125,
     "tiny": 1.0,
     "tiny-in": 1.0,
+    "tiny-1.5": 1.0,
 }
 
 

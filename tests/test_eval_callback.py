@@ -18,9 +18,9 @@ from dcae_train.training.eval_callback import EvalCallback
 class _TinyModule(L.LightningModule):
     """The two attributes the callback reads: `model` and `ema` (None or a module with encode/decode)."""
 
-    def __init__(self, with_ema: bool) -> None:
+    def __init__(self, with_ema: bool, variant: str = "tiny") -> None:
         super().__init__()
-        self.model = build_model("tiny")
+        self.model = build_model(variant)
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if with_ema else None
 
     def training_step(self, batch, batch_idx):
@@ -62,6 +62,22 @@ def test_eval_callback_logs_raw_and_ema(tmp_path, with_ema=True):
     cb._last_step = -1
     cb._run(trainer, module)
     assert cb.last_metrics and not any(k.startswith("eval_ema/") for k in cb.last_metrics)
+
+
+def test_eval_callback_logs_every_latent_prefix(tmp_path):
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    config = EvaluationConfig(every=2, batch_size=4, lpips="random", fid="tiny", latent_channels=[4, 8, 16])
+    cb = EvalCallback(config, images=images)
+    trainer = L.Trainer(
+        max_steps=2, accelerator="cpu", logger=CSVLogger(tmp_path), callbacks=[cb], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(_TinyModule(False, "tiny-1.5"), _loader())
+    m = cb.last_metrics
+    for c in (4, 8, 16):
+        assert {f"eval/c{c}/{k}" for k in ("psnr", "ssim", "lpips", "rfid", "latent_rms")} <= set(m), sorted(m)
+    assert m["eval/c16/psnr"] == pytest.approx(m["eval/psnr"], abs=1e-9)  # all 16 channels = the full latent
+    assert m["eval/c4/latent_rms"] != m["eval/latent_rms"]
 
 
 def test_eval_callback_fid_auto_is_off_without_weights(tmp_path, monkeypatch):

@@ -34,7 +34,9 @@ def family_config(name: str) -> DCAEConfig:
 # Registry and keys ------------------------------------------------------------------------------------------
 def test_registry_names():
     assert set(RELEASED_VARIANTS) == set(PUBLISHED_PARAMS)
-    assert set(VARIANTS) == set(RELEASED_VARIANTS) | {"tiny", "tiny-in"}
+    assert set(VARIANTS) == set(RELEASED_VARIANTS) | {"tiny", "tiny-in", "tiny-1.5"}
+    assert variant_config("dc-ae-lite-f32c32-sana-1.1") == variant_config("dc-ae-lite-f32c32")  # DC-Gen's names
+    assert variant_config("dc-ae-f32c32-in-1.0-256px") == variant_config("dc-ae-f32c32-in-1.0")
     with pytest.raises(ValueError, match="unknown DC-AE variant 'sana'.*dc-ae-f32c32-sana-1.1"):
         variant_config("sana")
     assert variant_config("f32c32-in-1.0") == variant_config("dc-ae-f32c32-in-1.0")

@@ -11,7 +11,7 @@ The protocol: docs/evaluation.md.
 """
 
 from dcae_train.evaluation.config import EvaluationConfig
-from dcae_train.evaluation.evaluator import ReconstructionEvaluator, evaluate_model
+from dcae_train.evaluation.evaluator import ReconstructionEvaluator, compute_all, evaluate_model, prefix_latents
 from dcae_train.evaluation.extractors import InceptionFeatures, TinyFeatures, build_feature_extractor
 from dcae_train.evaluation.latents import LatentAccumulator
 from dcae_train.evaluation.metrics import FeatureStats, frechet_distance, psnr_per_image, ssim_per_image, to_uint8
@@ -24,8 +24,10 @@ __all__ = [
     "ReconstructionEvaluator",
     "TinyFeatures",
     "build_feature_extractor",
+    "compute_all",
     "evaluate_model",
     "frechet_distance",
+    "prefix_latents",
     "psnr_per_image",
     "ssim_per_image",
     "to_uint8",

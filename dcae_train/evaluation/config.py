@@ -3,9 +3,9 @@ Torch-free."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from dcae_train.schema import check_at_least, check_choice
+from dcae_train.schema import check_at_least, check_choice, require
 
 LPIPS_CHOICES = ("alex", "vgg", "random", "off")
 FID_CHOICES = ("auto", "inception", "tiny", "off")
@@ -20,9 +20,15 @@ class EvaluationConfig:
     lpips_weights: str | None = None  # path of the trunk file; null = $TORCH_HOME/hub/checkpoints
     fid: str = "auto"  # auto (rFID when the Inception weights are present) | inception | tiny (tests) | off
     inception_weights: str | None = None  # path of the FID Inception file; null = $TORCH_HOME/hub/checkpoints
+    # DC-AE 1.5: also evaluate these latent channel prefixes (logged as eval/c<N>/*); [] = the full latent only
+    latent_channels: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_at_least(self, ("every",), 0)
         check_at_least(self, ("num_images", "batch_size"), 1)
         check_choice("lpips", self.lpips, LPIPS_CHOICES)
         check_choice("fid", self.fid, FID_CHOICES)
+        c = list(self.latent_channels)
+        require(
+            all(v >= 1 for v in c) and c == sorted(set(c)), "latent_channels", c, "must be ascending, >= 1", [16, 32]
+        )

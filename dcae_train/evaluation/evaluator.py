@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from dcae_train.evaluation.latents import LatentAccumulator
 from dcae_train.evaluation.metrics import FeatureStats, check_images, fid_from_stats, psnr_per_image, ssim_per_image
 from dcae_train.evaluation.metrics import to_uint8 as quantise
 from dcae_train.losses.perceptual import LPIPS
+from dcae_train.models import DCAE
 
 
 def _dist() -> bool:
@@ -38,7 +39,9 @@ class ReconstructionEvaluator:
     """Metric state for one model on one dataset.
 
     lpips: an `LPIPS` (or None to skip). features: an FID feature extractor (uint8 in, (B, d) out) or None.
-    reference: cached real-image feature statistics; when None they are accumulated from the batches.
+    reference: cached real-image feature statistics; when None they are accumulated from the batches, unless
+    `real_features=False` (evaluators of latent prefixes: the full latent's evaluator gathers them once, and
+    `compute(reference=...)` receives them).
     """
 
     def __init__(
@@ -48,9 +51,10 @@ class ReconstructionEvaluator:
         reference: FeatureStats | None = None,
         worst_k: int = 8,
         fid_method: str = "eigh",
+        real_features: bool = True,
     ) -> None:
         self.lpips, self.features, self.worst_k, self.fid_method = lpips, features, worst_k, fid_method
-        self.reference = reference
+        self.reference, self.real_features = reference, real_features
         self.real: FeatureStats | None = None
         self.fake: FeatureStats | None = None
         self.latents: LatentAccumulator | None = None
@@ -83,7 +87,7 @@ class ReconstructionEvaluator:
         if self.fake is None:
             self.fake = FeatureStats(fake.shape[1])
         self.fake.update(fake)
-        if self.reference is None:
+        if self.reference is None and self.real_features:
             real = self.features(x_u8)
             if self.real is None:
                 self.real = FeatureStats(real.shape[1])
@@ -125,8 +129,9 @@ class ReconstructionEvaluator:
         if self.latents is not None:
             self.latents.all_reduce()
 
-    def compute(self, gather: bool = True) -> dict[str, Any]:
-        """Final metrics. gather=False: this rank's images only (callers that run on one rank of many)."""
+    def compute(self, gather: bool = True, reference: FeatureStats | None = None) -> dict[str, Any]:
+        """Final metrics. gather=False: this rank's images only (callers that run on one rank of many);
+        `reference`: the real-image statistics to use when this evaluator does not gather its own."""
         if gather:
             self._gather()
         n = len(self.psnr)
@@ -140,7 +145,7 @@ class ReconstructionEvaluator:
             "rfid": None,
         }
         if self.fake is not None:
-            real = self.reference if self.reference is not None else self.real
+            real = next(s for s in (self.reference, self.real, reference) if s is not None)
             out["rfid"] = fid_from_stats(real, self.fake, self.fid_method)
         if self.latents is not None:
             out["latent"] = self.latents.summary()
@@ -158,17 +163,35 @@ def _merge(stats: list[FeatureStats | None]) -> FeatureStats | None:
 
 
 # The loop -----------------------------------------------------------------------------------------------
+def prefix_latents(model: DCAE, x: torch.Tensor, prefixes: Sequence[int | None]) -> list[torch.Tensor]:
+    """The latent of each entry of `prefixes` (None: all channels), from one pass through the encoder body."""
+    if all(p is None for p in prefixes):
+        z = model.encode(x)
+        return [z for _ in prefixes]
+    return model.encode(x, latent_channels=[model.latent_channels if p is None else p for p in prefixes])
+
+
+def compute_all(evaluators: Mapping[int | None, ReconstructionEvaluator], **kw) -> dict[int | None, dict[str, Any]]:
+    """Metrics of every evaluator; the prefixes' rFID uses the real statistics the full latent's gathered."""
+    out = {None: evaluators[None].compute(**kw)}
+    real = evaluators[None].reference or evaluators[None].real
+    out.update({p: ev.compute(reference=real, **kw) for p, ev in evaluators.items() if p is not None})
+    return out
+
+
 @torch.no_grad()
 def evaluate_model(
-    model: nn.Module,
+    model: DCAE,
     batches: Iterable[dict],
-    evaluator: ReconstructionEvaluator,
+    evaluators: Mapping[int | None, ReconstructionEvaluator],
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     max_images: int | None = None,
     progress: Any = None,
 ) -> dict[str, float]:
-    """Run encode -> decode over `batches` (at most `max_images` on this rank); returns timing facts."""
+    """Run encode -> decode over `batches` (at most `max_images` on this rank) into each evaluator: key None is
+    the full latent, an int a latent prefix (DC-AE 1.5); returns timing facts."""
+    prefixes = list(evaluators)
     was_training = model.training
     model.eval()
     seen, t0 = 0, time.perf_counter()
@@ -180,9 +203,10 @@ def evaluate_model(
             x, keys = x[: max_images - seen], (keys[: max_images - seen] if keys is not None else None)
         x = x.to(device, non_blocking=True)
         with autocast:
-            z = model.encode(x)  # (B, c, H/f, W/f), unscaled
-            x_hat = model.decode(z)  # (B, 3, H, W)
-        evaluator.update(x.float(), x_hat.float(), z.float(), keys)
+            zs = prefix_latents(model, x, prefixes)  # [(B, c, H/f, W/f)], unscaled
+            x_hats = [model.decode(z) for z in zs]  # [(B, 3, H, W)]
+        for p, z, x_hat in zip(prefixes, zs, x_hats, strict=True):
+            evaluators[p].update(x.float(), x_hat.float(), z.float(), keys)
         seen += x.shape[0]
         if progress is not None:
             progress.update(x.shape[0])

@@ -45,6 +45,15 @@ class LatentAccumulator:
         c = self.channels
         self.total, self.total_sq, self.count = packed[:c], packed[c : 2 * c], int(packed[-1].item())
 
+    def per_channel_rms(self) -> torch.Tensor:
+        """(C,) float64: the RMS of each channel."""
+        return (self.total_sq / max(self.count, 1)).sqrt()
+
+    def prefix_scaling_factors(self, prefixes: list[int]) -> dict[int, float]:
+        """DC-AE 1.5: {c: 1 / RMS of the first c channels}, the scalar factor a diffusion model on c channels uses."""
+        mean_sq = self.total_sq / max(self.count, 1)
+        return {c: float(1.0 / mean_sq[:c].mean().sqrt()) for c in prefixes}
+
     def summary(self) -> dict:
         if self.count == 0:
             raise ValueError("no latents were accumulated: the dataset yielded no images")
@@ -61,5 +70,6 @@ class LatentAccumulator:
             "scaling_factor": 1.0 / rms if rms > 0 else float("inf"),  # multiply on encode (diffusers)
             "per_channel_mean": [float(v) for v in mean_c],
             "per_channel_std": [float(v) for v in var_c.sqrt()],
+            "per_channel_rms": [float(v) for v in self.per_channel_rms()],
             "values_per_channel": n,
         }

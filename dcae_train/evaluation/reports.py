@@ -61,6 +61,41 @@ def markdown_table(result: dict[str, Any], with_published: bool = True) -> str:
     return out + "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
+def prefix_table(result: dict[str, Any]) -> str:
+    """DC-AE 1.5: one row per evaluated latent prefix (empty without prefixes)."""
+    if not result.get("prefixes"):
+        return ""
+    out = "\n| latent channels | rFID | PSNR | SSIM | LPIPS | latent RMS | 1/RMS |\n|---|---|---|---|---|---|---|\n"
+    for p in result["prefixes"]:
+        lat = p.get("latent") or {}
+        out += (
+            f"| {p['latent_channels']} | {_fmt(p['rfid'], 4)} | {_fmt(p['psnr'], 3)} | {_fmt(p['ssim'], 4)} | "
+            f"{_fmt(p['lpips'], 4)} | {_fmt(lat.get('rms'), 4)} | {_fmt(lat.get('scaling_factor'), 4)} |\n"
+        )
+    return out
+
+
+def save_prefix_plot(result: dict[str, Any], path: Path) -> None:
+    """PNG of each metric against the number of latent channels (DC-AE 1.5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["prefixes"]
+    channels = [r["latent_channels"] for r in rows]
+    names = [k for k in ("psnr", "ssim", "lpips", "rfid") if all(r[k] is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        ax.plot(channels, [r[name] for r in rows], marker="o")
+        ax.set_xlabel("latent channels")
+        ax.set_title(name)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def worst_grid(worst: list[dict[str, Any]]) -> torch.Tensor:
     """Rows of input | reconstruction | |error| x 4, worst PSNR first -> (3, k*H, 3*W) uint8."""
     rows = []

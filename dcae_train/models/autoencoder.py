@@ -14,7 +14,7 @@ from dcae_train.models import tiling
 from dcae_train.models.checkpointing import Stage
 from dcae_train.models.config import DCAEConfig
 from dcae_train.models.decoder import Decoder
-from dcae_train.models.encoder import Encoder
+from dcae_train.models.encoder import Encoder, Latents, Prefixes
 from dcae_train.models.variants import variant_config, variant_name
 
 
@@ -51,13 +51,19 @@ class DCAE(nn.Module):
         return self
 
     # API -----------------------------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) in [-1, 1] -> unscaled latent (B, c_lat, H/f, W/f). H and W must be multiples of f."""
+    def encode(self, x: torch.Tensor, latent_channels: Prefixes = None) -> Latents:
+        """(B, C, H, W) in [-1, 1] -> unscaled latent (B, c_lat, H/f, W/f). H and W must be multiples of f.
+
+        `latent_channels=c` (variants without a shortcut around the latent, DC-AE 1.5): the first c channels,
+        computed with only the first c filters of the output conv; a list of prefixes returns one latent each,
+        all from one pass through the encoder body."""
         self._check_image(x)
-        return self.encoder(x)
+        self._check_prefixes(latent_channels)
+        return self.encoder(x, latent_channels)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Unscaled latent (B, c_lat, h, w) -> image (B, C, h*f, w*f), not clamped."""
+        """Unscaled latent (B, c, h, w) -> image (B, C, h*f, w*f), not clamped. c is c_lat, or any prefix c <= c_lat
+        on variants that take prefixes (the decoder's first conv uses its first c input channels: zero-padding)."""
         self._check_latent(z)
         return self.decoder(z)
 
@@ -65,12 +71,14 @@ class DCAE(nn.Module):
         """Reconstruction decode(encode(x)), without scaling_factor (as diffusers)."""
         return self.decode(self.encode(x))
 
-    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z, x_hat) for training: no autograd graph is kept through the frozen part before the first layer
-        that trains (phase 2: the encoder body; phase 3: everything before the decoder head)."""
+    def reconstruct(self, x: torch.Tensor, latent_channels: list[int] | None = None) -> tuple[list, list]:
+        """([z], [x_hat]) for training, one pair per latent prefix (one pair of the full latent by default): no
+        autograd graph is kept through the frozen part before the first layer that trains (phase 2: the encoder
+        body; phase 3: everything before the decoder head). The prefixes share one encoder body pass."""
         self._check_image(x)
-        z = self.encoder.forward_skipping_frozen(x)  # (B, c_lat, H/f, W/f)
-        return z, self.decoder.forward_skipping_frozen(z)  # (B, 3, H, W)
+        self._check_prefixes(latent_channels)
+        zs = self.encoder.forward_skipping_frozen(x, latent_channels if latent_channels else [None])
+        return zs, [self.decoder.forward_skipping_frozen(z) for z in zs]  # [(B, c, H/f, W/f)], [(B, 3, H, W)]
 
     def last_trainable_layer(self) -> torch.Tensor | None:
         """The weight of the decoder's last trainable conv: where the adaptive GAN weight compares gradients."""
@@ -85,10 +93,17 @@ class DCAE(nn.Module):
         return self.decode(z / self.scaling_factor)
 
     def tiled_encode(
-        self, x: torch.Tensor, tile: int | None = None, overlap: int | None = None, global_attention: bool = False
+        self,
+        x: torch.Tensor,
+        tile: int | None = None,
+        overlap: int | None = None,
+        global_attention: bool = False,
+        latent_channels: int | None = None,
     ) -> torch.Tensor:
         """Encode any size in overlapping tiles (bounded memory); see `dcae_train.models.tiling.tiled_encode`."""
-        return tiling.tiled_encode(self, x, tile=tile, overlap=overlap, global_attention=global_attention)
+        return tiling.tiled_encode(
+            self, x, tile=tile, overlap=overlap, global_attention=global_attention, latent_channels=latent_channels
+        )
 
     def tiled_decode(
         self, z: torch.Tensor, tile: int | None = None, overlap: int | None = None, global_attention: bool = True
@@ -113,8 +128,25 @@ class DCAE(nn.Module):
 
     def _check_latent(self, z: torch.Tensor) -> None:
         c = self.config.latent_channels
-        if z.ndim != 4 or z.shape[1] != c:
-            raise ValueError(f"decode: expected latents (B, {c}, h, w), got shape {tuple(z.shape)}")
+        prefix = self.config.takes_latent_prefixes and z.ndim == 4 and 1 <= z.shape[1] < c
+        if z.ndim != 4 or not (z.shape[1] == c or prefix):
+            takes = f" or a prefix (B, 1..{c}, h, w)" if self.config.takes_latent_prefixes else ""
+            raise ValueError(f"decode: expected latents (B, {c}, h, w){takes}, got shape {tuple(z.shape)}")
+
+    def _check_prefixes(self, latent_channels: Prefixes) -> None:
+        if latent_channels is None:
+            return
+        c = self.config.latent_channels
+        if not self.config.takes_latent_prefixes:
+            raise ValueError(
+                f"latent_channels={latent_channels}: this variant has a shortcut around the latent "
+                "(encoder_out_shortcut/decoder_in_shortcut), so a channel prefix is not a latent its decoder can "
+                "read; prefixes need a variant without it (DC-AE 1.5: dc-ae-f32c128-1.5, dc-ae-f64c128-1.5, tiny-1.5)"
+            )
+        prefixes = latent_channels if isinstance(latent_channels, list | tuple) else [latent_channels]
+        bad = [p for p in prefixes if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= c]
+        if bad or not prefixes:
+            raise ValueError(f"latent_channels={latent_channels}: each prefix must be an int in 1..{c}, e.g. {c // 2}")
 
 
 def build_model(name_or_config: str | DCAEConfig) -> DCAE:

@@ -168,6 +168,11 @@ class DCAEConfig:
     def spatial_compression_ratio(self) -> int:
         return 2 ** (self.num_stages - 1)
 
+    @property
+    def takes_latent_prefixes(self) -> bool:
+        """No shortcut around the latent: any channel prefix can be encoded and decoded (DC-AE 1.5)."""
+        return not (self.encoder_out_shortcut or self.decoder_in_shortcut)
+
 
 # Helpers ------------------------------------------------------------------------------------------------
 def _int_tuple(v: Any) -> tuple[int, ...]:

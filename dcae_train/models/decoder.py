@@ -11,6 +11,7 @@ Phase 3 of the recipe trains only the head (`decoder.norm_out.*`, `decoder.conv_
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dcae_train.models.blocks import RMSNorm2d, UpBlock, build_act, build_block
@@ -78,12 +79,19 @@ class Decoder(nn.Module):
         return [self.conv_in, *reversed(self.up_blocks)]
 
     def forward_body(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z)  # (B, C(n-1), h, w)
+        h = self._conv_in(z)  # (B, C(n-1), h, w)
         if self.in_shortcut:
             h = h + z.repeat_interleave(h.shape[1] // z.shape[1], dim=1)  # channel duplicating
         for stage in reversed(self.up_blocks):
             h = stage(h)  # ... -> (B, Ch, H, W) (H/2 when the first stage is empty)
         return h
+
+    def _conv_in(self, z: torch.Tensor) -> torch.Tensor:
+        c = z.shape[1]
+        if c == self.conv_in.in_channels:
+            return self.conv_in(z)
+        # A channel prefix (DC-AE 1.5): only the first c input channels of the conv, which equals zero-padding z.
+        return F.conv2d(z, self.conv_in.weight[:, :c], self.conv_in.bias, padding=1)
 
     def forward_head(self, h: torch.Tensor) -> torch.Tensor:
         return run_block(self._head, h, self.gradient_checkpointing, [self.norm_out, self.conv_out])  # (B, 3, H, W)

@@ -8,11 +8,15 @@ conv_out      3x3 conv C(n-1)->latent, plus shortcut 3: the mean of consecutive 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dcae_train.models.blocks import DownBlock, build_block
 from dcae_train.models.checkpointing import Stage
 from dcae_train.models.config import DCAEConfig
+
+Prefixes = int | list[int] | tuple[int, ...] | None  # latent channel prefixes to encode (None: all channels)
+Latents = torch.Tensor | list[torch.Tensor]
 
 
 class Encoder(nn.Module):
@@ -46,19 +50,19 @@ class Encoder(nn.Module):
         self.out_shortcut = c.encoder_out_shortcut
         self.latent_channels = c.latent_channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_body(x))
+    def forward(self, x: torch.Tensor, latent_channels: Prefixes = None) -> Latents:
+        return self.forward_head(self.forward_body(x), latent_channels)
 
-    def forward_skipping_frozen(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_skipping_frozen(self, x: torch.Tensor, latent_channels: Prefixes = None) -> Latents:
         """forward(x), without an autograd graph through what does not train (phase 2 trains only the head)."""
         if not any(p.requires_grad for p in self.parameters()):
             with torch.no_grad():
-                return self(x)
+                return self(x, latent_channels)
         if any(p.requires_grad for p in self._body_parameters()):
-            return self(x)
+            return self(x, latent_channels)
         with torch.no_grad():
             h = self.forward_body(x)
-        return self.forward_head(h)
+        return self.forward_head(h, latent_channels)
 
     def _body_parameters(self):
         return (p for name, p in self.named_parameters() if not name.startswith("conv_out."))
@@ -69,8 +73,18 @@ class Encoder(nn.Module):
             h = stage(h)  # ... -> (B, C(n-1), H/f, W/f)
         return h
 
-    def forward_head(self, h: torch.Tensor) -> torch.Tensor:
-        z = self.conv_out(h)  # (B, c_lat, H/f, W/f)
-        if self.out_shortcut:
+    def forward_head(self, h: torch.Tensor, latent_channels: Prefixes = None) -> Latents:
+        """The latent, or its first `latent_channels` channels; a list of prefixes gives one latent each, all
+        from the one body pass `h`."""
+        if isinstance(latent_channels, list | tuple):
+            return [self._head(h, c) for c in latent_channels]
+        return self._head(h, latent_channels)
+
+    def _head(self, h: torch.Tensor, c: int | None) -> torch.Tensor:
+        if c is None or c == self.latent_channels:
+            z = self.conv_out(h)  # (B, c_lat, H/f, W/f)
+        else:  # only the first c filters run (DC-AE 1.5): equal to slicing the full latent, at c/c_lat the cost
+            z = F.conv2d(h, self.conv_out.weight[:c], self.conv_out.bias[:c], padding=1)  # (B, c, H/f, W/f)
+        if self.out_shortcut:  # DCAE refuses prefixes on variants with this shortcut
             z = z + h.unflatten(1, (self.latent_channels, -1)).mean(dim=2)  # channel averaging to c_lat
         return z

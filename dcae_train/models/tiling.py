@@ -45,7 +45,7 @@ DEFAULT_OVERLAP = 128  # px: twice diffusers' 64 px blend; see scripts/bench_til
 class Autoencoder(Protocol):
     spatial_compression_ratio: int
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor: ...
+    def encode(self, x: torch.Tensor, latent_channels: int | None = None) -> torch.Tensor: ...
 
     def decode(self, z: torch.Tensor) -> torch.Tensor: ...
 
@@ -58,8 +58,10 @@ def tiled_encode(
     tile: int | None = None,
     overlap: int | None = None,
     global_attention: bool = False,
+    latent_channels: int | None = None,
 ) -> torch.Tensor:
-    """(B, C, H, W) image of any size -> (B, c_lat, ceil(H/f), ceil(W/f)) latent, encoded tile by tile.
+    """(B, C, H, W) image of any size -> (B, c_lat, ceil(H/f), ceil(W/f)) latent, encoded tile by tile
+    (`latent_channels=c`: the first c channels, on variants that take prefixes).
 
     global_attention=True gives every tile the whole image's attention sums (see the module doc); off by default
     here because the encoder's attention comes after its costly high-resolution stages, which each gathering pass
@@ -74,7 +76,10 @@ def tiled_encode(
     th, tw = min(t, h), min(t, w)
 
     def run(y0: int, x0: int) -> torch.Tensor:
-        return model.encode(_padded_crop(x, y0 * f, x0 * f, th * f, tw * f))  # (B, c_lat, th, tw)
+        crop = _padded_crop(x, y0 * f, x0 * f, th * f, tw * f)
+        if latent_channels is None:  # any object with encode(x) tiles; only prefix-capable models take the argument
+            return model.encode(crop)  # (B, c_lat, th, tw)
+        return model.encode(crop, latent_channels=latent_channels)  # (B, c, th, tw)
 
     return _run_tiles(model, run, ys, xs, th, tw, 1, (h, w), global_attention)
 

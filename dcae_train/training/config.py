@@ -68,6 +68,29 @@ class EMAConfig:
 
 
 @dataclass
+class LatentPrefixConfig:
+    """Structured-latent training (DC-AE 1.5): every step trains on channel prefixes drawn from `channels`, so
+    the first channels learn to carry the image on their own. The options are DC-Gen's trainer options."""
+
+    # Candidate prefixes, ascending, the last = the model's latent channels (e.g. [16, 32, ..., 128]); [] = off
+    channels: list[int] = field(default_factory=list)
+    samples: int = 1  # prefixes drawn per step, uniformly with replacement ([C] num_sample_latent_channels)
+    always_full: bool = False  # the full latent is one of them ([C] always_sample_max_channel)
+    always_min_max: bool = False  # the smallest prefix and the full latent are two of them ([C] ..._min_max_channel)
+
+    def __post_init__(self) -> None:
+        c = list(self.channels)
+        ok = all(a < b for a, b in zip(c, c[1:], strict=False)) and all(v >= 1 for v in c)
+        require(ok, "channels", c, "must be ascending positive channel counts ending at the latent channels", [16, 32])
+        check_at_least(self, ("samples",), 1)
+        for flag, least in (("always_full", 2), ("always_min_max", 3)):
+            # DC-Gen ignores the flags with one sample and draws nothing beside the fixed ones at the minimum:
+            # both would silently train fewer prefixes than asked, so they are errors here [ours].
+            if getattr(self, flag):
+                require(self.samples >= least, flag, True, f"needs {{p}}samples >= {least}", False)
+
+
+@dataclass
 class PhaseConfig:
     """One phase of a recipe (`phases.p1` .. `phases.p3`). The class defaults are phase 1 of the DC-AE recipe."""
 
@@ -81,6 +104,7 @@ class PhaseConfig:
         default_factory=lambda: OptimizerConfig(lr=5.4e-5, betas=[0.5, 0.9], weight_decay=0.0, warmup_steps=0)
     )
     ema: EMAConfig = field(default_factory=EMAConfig)  # exponential moving average of the weights
+    latent_prefixes: LatentPrefixConfig = field(default_factory=LatentPrefixConfig)  # DC-AE 1.5 structured latent
     val_every: int = 5000  # steps between validations (and reconstruction metrics)
     val_batches: int = 16  # validation batches per validation
     val_resolution: int | None = None  # validation crop size; null = the phase resolution

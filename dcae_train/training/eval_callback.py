@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dcae_train.evaluation.config import EvaluationConfig
-from dcae_train.evaluation.evaluator import ReconstructionEvaluator
+from dcae_train.evaluation.evaluator import ReconstructionEvaluator, compute_all, evaluate_model
 from dcae_train.evaluation.extractors import InceptionFeatures, TinyFeatures
 from dcae_train.evaluation.metrics import FeatureStats, to_uint8
 from dcae_train.losses.perceptual import LPIPS
@@ -63,17 +63,16 @@ class EvalCallback(L.Callback):
             self.reference = FeatureStats(self.features.num_features)
             for x in images.split(self.config.batch_size):
                 self.reference.update(self.features(to_uint8(x.to(device))))
-        ev = ReconstructionEvaluator(self.lpips, self.features, reference=self.reference, worst_k=0)
-        was_training = model.training
-        model.eval()
-        for x in images.split(self.config.batch_size):
-            x = x.to(device)
-            z = model.encode(x)
-            ev.update(x, model.decode(z).float(), z.float())
-        model.train(was_training)
-        out = ev.compute(gather=False)  # only rank 0 runs this: a collective would hang
-        metrics = {k: v for k, v in out.items() if isinstance(v, float)}
-        metrics["latent_rms"] = out["latent"]["rms"]
+        evaluators = {
+            p: ReconstructionEvaluator(self.lpips, self.features, reference=self.reference, worst_k=0)
+            for p in [None, *self.config.latent_channels]
+        }
+        evaluate_model(model, ({"image": x} for x in images.split(self.config.batch_size)), evaluators, device)
+        metrics = {}
+        for p, out in compute_all(evaluators, gather=False).items():  # only rank 0 runs this: no collective
+            prefix = "" if p is None else f"c{p}/"
+            metrics.update({f"{prefix}{k}": v for k, v in out.items() if isinstance(v, float)})
+            metrics[f"{prefix}latent_rms"] = out["latent"]["rms"]
         return metrics
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -32,6 +32,7 @@ from dcae_train.training.ema import EMA
 from dcae_train.training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from dcae_train.training.optim import build_adamw, build_schedule, clip_grad_norm, is_fused
 from dcae_train.training.phases import freeze_all_but, select_trainable, set_frozen_norms_eval
+from dcae_train.training.prefixes import sample_prefixes
 from dcae_train.weights.checkpoint import META_KEY, RNG_KEY, CheckpointMeta
 
 __all__ = ["AutoencoderModule", "NonFiniteLossError"]
@@ -47,6 +48,7 @@ class AutoencoderModule(L.LightningModule):
         meta: CheckpointMeta,
         max_nonfinite_steps: int = 20,
         channels_last: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -57,6 +59,7 @@ class AutoencoderModule(L.LightningModule):
         self.phase = phase
         self.meta = meta  # recorded in every checkpoint as ckpt["dcae"]
         self.channels_last = channels_last
+        self.seed = seed  # with the step and the rank, it draws the latent prefixes a step trains on
 
         self.trainable_names = select_trainable(model, phase.trainable, key=f"phases.p{meta.phase}.trainable")
         freeze_all_but(model, self.trainable_names)
@@ -88,10 +91,10 @@ class AutoencoderModule(L.LightningModule):
         step = self.global_step
         opts, scheds = _as_list(self.optimizers()), _as_list(self.lr_schedulers())
 
+        prefixes = sample_prefixes(self.phase.latent_prefixes, seed=self.seed, step=step, rank=self.global_rank)
         with self.toggled_optimizer(opts[0]):
-            z, x_hat = self.model.reconstruct(x)
-            last = self.model.last_trainable_layer() if self.loss.gan_active(step) else None
-            loss, logs = self.loss.generator_loss(x, x_hat, step=step, last_layer=last)
+            zs, x_hats = self.model.reconstruct(x, prefixes)
+            loss, logs = self._generator_loss(x, x_hats, step)
             if self.inject_nan_loss:
                 loss, self.inject_nan_loss = loss * float("nan"), False
             grad_norm = self._guarded_step(opts[0], loss, self.phase.optimizer, opts[0].step, step, logs)
@@ -101,11 +104,25 @@ class AutoencoderModule(L.LightningModule):
         logs["grad_norm"] = grad_norm.detach()
 
         if len(opts) > 1:
-            logs.update(self._discriminator_step(opts[1], scheds[1], x, x_hat.detach(), step))
+            fakes = x_hats[0] if len(x_hats) == 1 else torch.cat(x_hats)  # every prefix's reconstruction is a fake
+            logs.update(self._discriminator_step(opts[1], scheds[1], x, fakes.detach(), step))
         if self.ema is not None and (step + 1) % self.phase.ema.every == 0:
             self.ema_helper.update(self.ema, self.model, step + 1)
         if (step + 1) % self.phase.log_every == 0 or step == 0:
-            self._log_train(logs, z, x, opts[0])
+            if prefixes:
+                logs["latent_prefix_channels"] = torch.tensor(float(sum(prefixes)) / len(prefixes))
+            self._log_train(logs, zs[-1], x, opts[0])
+
+    def _generator_loss(self, x, x_hats: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
+        """The phase's generator loss, averaged over the reconstructions of the step's latent prefixes [ours]:
+        DC-Gen's autoencoder loss is not published; the unweighted mean is what its diffusion trainer does over
+        prefixes, and it gives every prefix the gradient scale of a whole phase."""
+        last = self.model.last_trainable_layer() if self.loss.gan_active(step) else None
+        parts = [self.loss.generator_loss(x, x_hat, step=step, last_layer=last) for x_hat in x_hats]
+        if len(parts) == 1:
+            return parts[0]
+        loss = torch.stack([p[0] for p in parts]).mean()
+        return loss, {k: torch.stack([p[1][k] for p in parts]).mean() for k in parts[0][1]}
 
     def _discriminator_step(self, opt_d, sched_d, x, x_hat, step: int) -> dict[str, torch.Tensor]:
         with self.toggled_optimizer(opt_d):

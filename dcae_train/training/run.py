@@ -66,7 +66,7 @@ def build_run(cfg_in: DictConfig | TrainConfig) -> Run:
     )  # fmt: skip
     module = AutoencoderModule(
         model, loss, phase, meta=meta, max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
-        channels_last=cfg.model.channels_last,
+        channels_last=cfg.model.channels_last, seed=cfg.seed,
     )  # fmt: skip
     if cfg.model.compile:
         model.compile()  # in place: state_dict keys stay the diffusers keys

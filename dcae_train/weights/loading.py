@@ -25,7 +25,7 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
 from dcae_train.models import DCAE, DCAEConfig, build_model
-from dcae_train.models.variants import VARIANTS, variant_config
+from dcae_train.models.variants import VARIANTS, variant_config, variant_name
 from dcae_train.weights.checkpoint import read_training_checkpoint
 from dcae_train.weights.io import (
     CONFIG_NAME,
@@ -41,8 +41,6 @@ from dcae_train.weights.original import ConversionError, looks_original, origina
 log = logging.getLogger(__name__)
 ORIGINAL_NAME = "model.safetensors"
 META_CONFIG = "dcae_config"  # safetensors metadata / config.json key where we store our full config
-# Names the original repos' config.json may use for a variant we register under another name (DC-Gen zoo names).
-_ALIASES = {"dc-ae-lite-f32c32-sana-1.1": "dc-ae-lite-f32c32"}
 
 
 def load_model(source: str | Path, *, ema: bool = True, variant: str | None = None) -> DCAE:
@@ -171,7 +169,7 @@ def _assemble(config: DCAEConfig, sd: Mapping[str, torch.Tensor], *, where: str,
 def _original_config(path: Path, sd: dict[str, torch.Tensor], meta: dict[str, str], variant: str | None):
     """(config, variant name) of an original checkpoint: argument, our metadata, sibling config.json, shapes."""
     if variant:
-        return variant_config(variant), variant
+        return _named_config(variant, sd)
     if META_CONFIG in meta:
         d = json.loads(meta[META_CONFIG])
         return DCAEConfig.from_dict(d["config"]), d.get("variant")
@@ -180,12 +178,22 @@ def _original_config(path: Path, sd: dict[str, torch.Tensor], meta: dict[str, st
         data = read_json(sibling)
         if META_CONFIG in data:
             return DCAEConfig.from_dict(data[META_CONFIG]), data.get("model_name")
-        name = _ALIASES.get(data.get("model_name"), data.get("model_name"))
-        if name in VARIANTS or f"dc-ae-{name}" in VARIANTS:
-            return variant_config(name), name
-        if name is not None:  # e.g. a newer release: the shapes may still identify the architecture
-            log.warning("%s: model_name=%r is not a known variant; inferring it from the shapes", sibling, name)
+        name = data.get("model_name")
+        try:
+            return _named_config(name, sd)
+        except ValueError:  # e.g. a newer release: the shapes may still identify the architecture
+            if name is not None:
+                log.warning("%s: model_name=%r is not a known variant; inferring it from the shapes", sibling, name)
     return _infer_original_config(path, sd)
+
+
+def _named_config(name: str, sd: Mapping[str, torch.Tensor]) -> tuple[DCAEConfig, str | None]:
+    """A registered variant (or one of DC-Gen's names for it) at the width of the file; named only at full width
+    (a reduced-width file, e.g. a test model of the family, is that architecture scaled, not the release)."""
+    canonical = variant_name(name)
+    full = variant_config(canonical)
+    config = _rescaled_to(full, sd) or full
+    return config, canonical if config == full else None
 
 
 def _infer_original_config(path: Path, sd: Mapping[str, torch.Tensor]) -> tuple[DCAEConfig, str | None]:
@@ -217,11 +225,12 @@ def _rescaled_to(config: DCAEConfig, sd: Mapping[str, torch.Tensor]) -> DCAEConf
     w = next((v for k, v in sd.items() if k.startswith("encoder.project_out.") and k.endswith("weight")), None)
     if w is None or w.ndim != 4:
         return None
-    ratio = w.shape[1] / config.encoder_block_out_channels[-1]
-    if ratio == 1:
-        return config
+    ratio, latent = w.shape[1] / config.encoder_block_out_channels[-1], w.shape[0]
+    # The latent width follows the file too (reduced-width families may scale it to keep the shortcut groups).
+    scale_latent = latent != config.latent_channels and latent == round(config.latent_channels * ratio)
     try:
-        return config.scaled(ratio)
+        scaled = config if ratio == 1 else config.scaled(ratio, scale_latent=scale_latent)
+        return scaled if latent == scaled.latent_channels else scaled.replace(latent_channels=latent)
     except ValueError:
         return None
 
