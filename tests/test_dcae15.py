@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +118,8 @@ def test_dcgen_layout_round_trips_bitwise(tmp_path):
     loaded = load_model(path)
     assert loaded.config == model.config and loaded.variant is None  # 1/8 width: the family, not the release
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    (path.parent / "config.json").unlink()  # without a name, the shapes decide (1.1 and 1.5 are the same network)
+    assert load_model(path).config == model.config
     again = load_file(str(export_original(loaded, tmp_path / "back")))
     assert again.keys() == original.keys() and all(torch.equal(again[k], v) for k, v in original.items())
 
@@ -178,17 +179,37 @@ def _losses(run: Path) -> dict[int, float]:
 RESUME = ("phases.p1.max_steps=4", "phases.p1.ckpt_every=2", "data.epoch_batches=2", "trainer.deterministic=true")
 
 
-def test_resumed_run_draws_the_same_prefixes_and_reproduces_the_losses(tmp_path):
-    # Interrupted at an epoch boundary: the data stream restarts exactly there (mid-epoch resume is issue 15's).
+def test_killed_and_resumed_run_draws_the_same_prefixes_and_reproduces_the_losses(tmp_path):
+    # Killed after step 3, resumed from the step-2 checkpoint (an epoch boundary: mid-epoch data resume is issue 15's).
     assert _train(tmp_path / "ref", *RESUME) == 0
-    (ref,) = (tmp_path / "ref" / "quickstart-1.5" / "phase1").iterdir()
-    cut = tmp_path / "cut" / "quickstart-1.5" / "phase1" / "interrupted"
-    (cut / "checkpoints").mkdir(parents=True)
-    shutil.copy(ref / "checkpoints" / "step00000002.ckpt", cut / "checkpoints")  # the state at the interruption
-    resume = f"resume={cut / 'checkpoints' / 'step00000002.ckpt'}"
-    assert _train(tmp_path / "cut", *RESUME, resume) == 0
+    env = {**os.environ, "WANDB_MODE": "disabled", "DCAE_TRAIN_FAULTS": "kill@3"}
+    env.pop("DCAE_TRAIN_RESOLVED", None)
+    p1 = [f"phases.p1.{o}" for o in PHASE]
+    args = [sys.executable, "-m", "dcae_train", f"runs_dir={tmp_path / 'cut'}", "recipe=quickstart-1.5", *SMALL, *p1]
+    killed = subprocess.run([*args, *RESUME], env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert _train(tmp_path / "cut", *RESUME, "resume=auto") == 0
+    (ref,), (cut,) = ((tmp_path / r / "quickstart-1.5" / "phase1").iterdir() for r in ("ref", "cut"))
     want, got = _losses(ref), _losses(cut)
-    assert sorted(got) == [2, 3] and all(got[s] == pytest.approx(want[s], rel=1e-6) for s in (2, 3)), (want, got)
+    assert {2, 3} <= set(got)  # (rows before a resume are not kept yet: issue 15)
+    assert all(got[s] == pytest.approx(want[s], rel=1e-6) for s in (2, 3)), (want, got)
+
+
+def test_prefix_training_with_checkpointing_and_bf16_autocast():
+    model = random_15().train()
+    x, prefixes = images(), [4, 16]
+    losses = []
+    for checkpointing in (False, True):
+        model.set_gradient_checkpointing(checkpointing)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            zs, x_hats = model.reconstruct(x, prefixes)
+        assert [z.shape[1] for z in zs] == prefixes
+        loss = torch.stack([(x_hat.float() - x).abs().mean() for x_hat in x_hats]).mean()
+        loss.backward()
+        losses.append((loss.item(), model.encoder.conv_out.weight.grad.clone()))
+    assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-3)
+    torch.testing.assert_close(losses[0][1], losses[1][1], atol=1e-3, rtol=1e-2)
 
 
 @pytest.mark.parametrize("recipe", RECIPES_15)
