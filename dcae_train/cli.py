@@ -13,10 +13,11 @@ import traceback
 import warnings
 from collections.abc import Sequence
 
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
 from dcae_train.config import compose, help_text, recipe_names
-from dcae_train.training.faults import EXIT_PREEMPTED
+from dcae_train.training.faults import EXIT_PREEMPTED, Preempted, PreemptionSignals, preemption_signals
 from dcae_train.training.module import NonFiniteLossError
 from dcae_train.training.run import Run, build_run
 
@@ -36,6 +37,7 @@ USAGE = """usage: python -m dcae_train [recipe=NAME] [phase=1|2|3] [key=value ..
 
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
+EXIT_ABORTED = 130  # a second Ctrl-C: the shell's code for "ended by SIGINT"
 
 # Lightning warnings that describe what we do on purpose (frozen modules in eval, checkpoints after the
 # optimizer step, our config files in the run folder before the CSV logger starts).
@@ -66,6 +68,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if info is not None:
         print(info, end="")
         return 0
+    with preemption_signals() as signals:  # from the first moment: a signal during start-up is a preemption too
+        try:
+            return _train(argv, signals)
+        except (KeyboardInterrupt, SystemExit):  # Lightning ends a KeyboardInterrupt inside fit with sys.exit(1)
+            if signals.interrupts < 2:
+                raise
+            print("aborted by a second Ctrl-C: no checkpoint written for the current step", file=sys.stderr)
+            return EXIT_ABORTED
+
+
+def _train(argv: Sequence[str], signals: PreemptionSignals) -> int:
     show = "--cfg" in argv
     try:
         cfg = compose([a for a in argv if a != "--cfg"])
@@ -80,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exc()
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    if signals.requested:
+        print(f"preempted by {signals.requested} before training started: continue with resume=auto", file=sys.stderr)
+        return EXIT_PREEMPTED
     try:
         return fit(run)
     except NonFiniteLossError as err:
@@ -100,7 +116,14 @@ def _information(argv: Sequence[str]) -> str | None:
 
 def fit(run: Run) -> int:
     if run.cfg.validate_at_start and run.ckpt_path is None:
-        run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
+        try:
+            run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
+        except (Preempted, SIGTERMException):  # SIGTERMException: Lightning's own handler saw it first
+            print("preempted during the start-up validation: continue with resume=auto", file=sys.stderr)
+            return EXIT_PREEMPTED
+        if run.preemption.requested:
+            print("preempted after the start-up validation: continue with resume=auto", file=sys.stderr)
+            return EXIT_PREEMPTED
     run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path)
     if run.trainer.is_global_zero:
         print(f"run folder: {run.run_dir}")

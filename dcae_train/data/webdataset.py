@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -247,6 +248,17 @@ class ValStream(IterableDataset):
 # Loader ---------------------------------------------------------------------------------------------
 
 
+def ignore_preemption_signals(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: SLURM, systemd, `timeout` and `kill -- -PGID` signal the whole process group.
+    A worker that dies of SIGTERM makes the main process fail with "DataLoader worker ... is killed by signal"
+    before it can save; ignoring the signals here lets the main process checkpoint at the next step, then end
+    the workers the normal way (they also exit by themselves if the main process dies)."""
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+
+
 class StreamLoader:
     """What Lightning iterates: a DataLoader over a stream (batches are made in the workers), cut to `length`
     batches per epoch (training), with the per-worker skip counts that arrive in the batches summed up.
@@ -273,6 +285,7 @@ class StreamLoader:
             num_workers=num_workers,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
             pin_memory=pin_memory,
+            worker_init_fn=ignore_preemption_signals,
             persistent_workers=False,  # workers restart each epoch and pick up the new epoch's seed
         )
         self._iterations = 0

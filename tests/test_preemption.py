@@ -1,0 +1,103 @@
+"""Preemption as clusters deliver it: signals to the whole process group (SLURM, systemd, `timeout`,
+`kill -- -PGID`), Ctrl-C once and twice, and a signal before the first step. Every run here is a subprocess in
+its own session, so a group signal reaches its DataLoader workers and never the test runner."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcae_train.training.faults import EXIT_PREEMPTED
+
+# Two workers, so the group signal has workers to hit; long enough that it is still running when signalled.
+LONG = [
+    "debug=smoke",
+    "data=demo",
+    "data.num_workers=2",
+    "validate_at_start=false",
+    "phases.p1.max_steps=100000",
+    "phases.p1.ckpt_every=1",
+    "phases.p1.keep_checkpoints=1",
+    "phases.p1.val_every=100000",
+    "phases.p1.image_every=100000",
+    "data.epoch_batches=100000",
+]
+
+
+def start(runs: Path, *overrides: str, faults: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("DCAE_TRAIN_RESOLVED", None)
+    env.pop("DCAE_TRAIN_FAULTS", None)
+    if faults:
+        env["DCAE_TRAIN_FAULTS"] = faults
+    args = [sys.executable, "-m", "dcae_train", f"runs_dir={runs}", *overrides]
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def wait_for_training(runs: Path, proc: subprocess.Popen, timeout: float = 120) -> Path:
+    """The run folder, once the first step's checkpoint exists (so the loop and its workers are running)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = list(runs.glob("quickstart/phase1/*/checkpoints/step*.ckpt"))
+        if found:
+            return found[0].parent.parent
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("training did not start")
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc.returncode, out
+
+
+def step_of(path: Path) -> int:
+    return int(torch.load(path, weights_only=True, map_location="cpu")["global_step"])
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGINT, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)], ids=lambda s: s.name
+)
+def test_group_signal_checkpoints_and_exits_75(tmp_path, sig):
+    runs = tmp_path / "runs"
+    proc = start(runs, *LONG)
+    run = wait_for_training(runs, proc)
+    os.killpg(proc.pid, sig)  # the main process and both DataLoader workers
+    code, out = finish(proc)
+    assert code == EXIT_PREEMPTED, out[-3000:]
+    assert "killed by signal" not in out and "Traceback" not in out, out[-3000:]
+    (preempt,) = (run / "checkpoints").glob("preempt-step*.ckpt")
+    assert step_of(preempt) >= 1 and step_of(run / "checkpoints" / "last.ckpt") == step_of(preempt)
+    assert not (run / "FINISHED.json").exists()
+
+
+def test_second_ctrl_c_aborts_at_once(tmp_path):
+    runs = tmp_path / "runs"
+    proc = start(runs, *LONG, "phases.p1.max_steps=6", faults="sigint@3,sigint@3")  # two Ctrl-C in step 3
+    code, out = finish(proc)
+    assert code == 130, out[-3000:]
+    assert "aborted by a second Ctrl-C" in out
+    assert not list(runs.rglob("preempt-step*.ckpt")), "the second Ctrl-C does not wait for a checkpoint"
+
+
+def test_signal_during_startup_validation_exits_75(tmp_path):
+    """Today: Lightning's SIGTERM exception ends the validation and the process exits 0 with nothing trained."""
+    runs = tmp_path / "runs"
+    proc = start(runs, *LONG, "validate_at_start=true", "phases.p1.val_batches=4", faults="sigterm@0")
+    code, out = finish(proc)
+    assert code == EXIT_PREEMPTED, out[-3000:]
+    assert "start-up validation" in out
+    assert not list(runs.rglob("*.ckpt")), "nothing was trained, so nothing was saved"
