@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dcae_train import cli
 from dcae_train.training.faults import EXIT_PREEMPTED
 
 # Two workers, so the group signal has workers to hit; long enough that it is still running when signalled.
@@ -101,3 +102,26 @@ def test_signal_during_startup_validation_exits_75(tmp_path):
     assert code == EXIT_PREEMPTED, out[-3000:]
     assert "start-up validation" in out
     assert not list(runs.rglob("*.ckpt")), "nothing was trained, so nothing was saved"
+
+
+# One writer per run folder -------------------------------------------------------------------------------
+QUICK = ["debug=smoke", "data=demo", "data.num_workers=0", "validate_at_start=false"]
+
+
+def test_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tmp_path, capsys, caplog):
+    runs = tmp_path / "runs"
+    proc = start(runs, *LONG)
+    run = wait_for_training(runs, proc)
+    try:
+        code = cli.main([f"runs_dir={runs}", *QUICK, "resume=auto"])  # would attach to the live run
+        err = capsys.readouterr().err
+        assert code == cli.EXIT_CONFIG, err
+        assert f"in use by another process (pid {proc.pid}" in err, err
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # dies holding the lock: no clean release
+        finish(proc)
+    step = step_of(run / "checkpoints" / "last.ckpt")
+    code = cli.main([f"runs_dir={runs}", *QUICK, "resume=auto", f"phases.p1.max_steps={step + 1}"])
+    assert code == 0, capsys.readouterr().err
+    assert f"taking over the stale lock of pid {proc.pid}" in caplog.text
+    assert step_of(run / "checkpoints" / "final.ckpt") == step + 1

@@ -29,6 +29,7 @@ from dcae_train.training.config import PhaseConfig
 from dcae_train.training.datamodule import ImageDataModule
 from dcae_train.training.eval_callback import EvalCallback
 from dcae_train.training.faults import FAULTS_ENV, FaultInjection, Preemption
+from dcae_train.training.lock import is_global_rank_zero, lock_run_dir
 from dcae_train.training.module import AutoencoderModule
 from dcae_train.training.tracking import build_wandb_logger
 from dcae_train.weights import load_model
@@ -55,6 +56,8 @@ def build_run(cfg_in: DictConfig | TrainConfig) -> Run:
     check_environment(cfg)
     paths = resolve_paths(cfg)
     run_dir = Path(paths["run_dir"])
+    if is_global_rank_zero():
+        lock_run_dir(run_dir)  # one writer per run folder; a second one stops here with exit 2
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
 
