@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers_runs import fake_checkpoint
 
 from dcae_train import cli
 from dcae_train.training import checkpoint as ckpt_lib
@@ -122,9 +123,8 @@ def test_nan_losses_in_a_row_stop_the_run_fused(tmp_path, monkeypatch):
 def test_corrupt_newest_checkpoint_falls_back(tmp_path):
     run = tmp_path / "runs" / "quickstart" / "phase1" / "20260101-000000-000000"
     folder = run / "checkpoints"
-    ckpt_lib.atomic_torch_save({"global_step": 2, "state_dict": {"w": torch.ones(3)}}, folder / "step00000002.ckpt")
-    newest = folder / "step00000004.ckpt"
-    ckpt_lib.atomic_torch_save({"global_step": 4, "state_dict": {"w": torch.ones(3)}}, newest)
+    fake_checkpoint(folder / "step00000002.ckpt", 2)
+    newest = fake_checkpoint(folder / "step00000004.ckpt", 4)
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) // 2])  # truncated
     os.utime(newest, (newest.stat().st_mtime + 10,) * 2)

@@ -3,8 +3,10 @@
 - Every checkpoint is written atomically: to a temporary file in the same folder, fsync'd, then renamed
   over the target, so a crash mid-write leaves the previous file intact (`last.ckpt` included).
 - Loading always uses `torch.load(weights_only=True)`: a checkpoint cannot run code.
-- `resume=auto` takes the newest *loadable* checkpoint of the most recent run of the same recipe and phase;
-  a truncated or corrupt newest file is skipped with a warning.
+- `resume=auto` takes the checkpoint with the highest *stored* step (never file times: `cp -r`, rsync without
+  `-t` or `touch` change those) of the most recent run of the same recipe and phase; a truncated or corrupt
+  file, or one that is not a dcae-train training checkpoint, is skipped with a warning.
+- Temporary files of writes that were killed half-way are removed when a run (re)starts in its folder.
 - Phase N > 1 starts from the final checkpoint of the latest *finished* run of phase N-1 (the run folder
   holds a `FINISHED.json` written after its last checkpoint).
 """
@@ -68,14 +70,23 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def check_resumable(path: Path) -> None:
-    """One of our training checkpoints, with its step (tensors memory-mapped, so cheap); ValueError otherwise."""
+def check_resumable(path: Path) -> int:
+    """One of our training checkpoints: its step (tensors memory-mapped, so cheap); ValueError otherwise."""
     try:
         ckpt, _ = read_training_checkpoint(path, mmap=True)
     except ValueError as err:
         raise ValueError(f"resume={path}: refused: {err}; to start from weights only use init_from= instead") from err
     if "global_step" not in ckpt:
         raise ValueError(f"resume={path}: not a dcae-train training checkpoint (no global_step); use init_from=")
+    return int(ckpt["global_step"])
+
+
+def stored_step(path: Path) -> int | None:
+    """The step a dcae-train training checkpoint holds; None for anything else (tensors are not read)."""
+    try:
+        return check_resumable(path)
+    except ValueError:
+        return None
 
 
 def is_loadable(path: Path) -> bool:
@@ -87,21 +98,39 @@ def is_loadable(path: Path) -> bool:
         return False
 
 
-def checkpoints_newest_first(run_dir: Path) -> list[Path]:
+def checkpoints_newest_first(run_dir: Path) -> list[tuple[int, Path]]:
+    """(stored step, path) of the run's training checkpoints, highest step first; other files skipped, warned."""
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
         return []
-    files = [p for p in folder.glob("*.ckpt") if not p.name.startswith(".")]
-    # last.ckpt is written after the step file of the same step, so it wins ties.
-    return sorted(files, key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True)
+    found = []
+    for path in sorted(p for p in folder.glob("*.ckpt") if not p.name.startswith(".")):
+        step = stored_step(path)
+        if step is None:
+            log.warning("%s is not a readable dcae-train training checkpoint; skipped", path)
+        else:
+            found.append((step, path))
+    # Same step: last.ckpt first (the file the trainer keeps writing); the rest by name, for a stable choice.
+    return sorted(found, key=lambda sp: (-sp[0], sp[1].name != "last.ckpt", sp[1].name))
 
 
 def latest_good_checkpoint(run_dir: Path) -> Path | None:
-    for path in checkpoints_newest_first(run_dir):
-        if is_loadable(path):
+    for _, path in checkpoints_newest_first(run_dir):
+        if is_loadable(path):  # the stored step was read from the pickle only: check every member's CRC
             return path
         log.warning("checkpoint %s is truncated or corrupt; falling back to an earlier one", path)
     return None
+
+
+def remove_orphaned_temporaries(run_dir: Path) -> None:
+    """Delete the temporary files of checkpoint (and marker) writes that were killed before their rename.
+    Only while holding the run folder's lock: a live writer's temporary file would look the same."""
+    folder = run_dir / "checkpoints"
+    orphans = [*folder.glob(".*.tmp"), *run_dir.glob(f".{FINISHED}.tmp")]  # nothing when a folder is missing
+    for path in orphans:
+        path.unlink(missing_ok=True)
+    if orphans:
+        log.warning("removed %d temporary file(s) left by interrupted writes in %s", len(orphans), run_dir)
 
 
 def phase_root(runs_dir: str | Path, recipe: str, phase: int) -> Path:

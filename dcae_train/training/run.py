@@ -58,6 +58,7 @@ def build_run(cfg_in: DictConfig | TrainConfig) -> Run:
     run_dir = Path(paths["run_dir"])
     if is_global_rank_zero():
         lock_run_dir(run_dir)  # one writer per run folder; a second one stops here with exit 2
+        ckpt_lib.remove_orphaned_temporaries(run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
 
@@ -114,7 +115,9 @@ def resolve_paths(cfg: TrainConfig) -> dict[str, Any]:
             raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint file")
         if not ckpt_lib.is_loadable(path):
             raise ValueError(f"resume={path}: the file is truncated or corrupt; pass an earlier checkpoint")
-        ckpt_lib.check_resumable(path)
+        step = ckpt_lib.check_resumable(path)
+        if is_global_rank_zero():
+            print(f"resuming {path} at step {step}", flush=True)
         resume = str(path)
         run_dir = Path(cfg.run_dir) if cfg.run_dir else path.parent.parent
     else:
@@ -224,6 +227,7 @@ def _callbacks(cfg: TrainConfig, run_dir: Path, preemption: Preemption) -> list[
             monitor="step",
             mode="max",
             save_last=True,
+            enable_version_counter=False,  # always last.ckpt: a preemption or an earlier run wrote one already
         ),
         ReconstructionGrids(run_dir, phase.image_every),
         LossCurves(run_dir),

@@ -1,0 +1,55 @@
+"""Resume: the right checkpoint (by stored step), said out loud, in the same files, and only of the same run."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from _helpers_runs import fake_checkpoint
+
+from dcae_train import cli
+from dcae_train.training import checkpoint as ckpt_lib
+
+QUICK = ["debug=smoke", "data=demo", "data.num_workers=0", "validate_at_start=false"]
+BASE = ["phases.p1.max_steps=6", "phases.p1.ckpt_every=2", "phases.p1.log_every=1", "data.epoch_batches=2"]
+RUN = Path("quickstart") / "phase1" / "20260101-000000-000000"
+
+
+def test_resume_picks_the_highest_stored_step_not_the_newest_file(tmp_path):
+    folder = tmp_path / RUN / "checkpoints"
+    fake_checkpoint(folder / "step00000002.ckpt", 2)
+    fake_checkpoint(folder / "step00000004.ckpt", 4)
+    fake_checkpoint(folder / "last.ckpt", 4)
+    old = folder / "step00000002.ckpt"
+    os.utime(old, (old.stat().st_mtime + 100,) * 2)  # `touch`, or a copy without -t: the old file looks newest
+    assert ckpt_lib.find_resume_checkpoint(tmp_path, "quickstart", 1) == folder / "last.ckpt"
+
+
+def test_resume_skips_files_that_are_not_our_checkpoints(tmp_path, caplog):
+    folder = tmp_path / RUN / "checkpoints"
+    fake_checkpoint(folder / "step00000004.ckpt", 4)
+    torch.save({"weights": torch.zeros(2)}, folder / "step00000009.ckpt")  # a torch file, but not ours
+    (folder / "notes.ckpt").write_text("not a checkpoint")
+    with caplog.at_level(logging.WARNING):
+        assert ckpt_lib.find_resume_checkpoint(tmp_path, "quickstart", 1) == folder / "step00000004.ckpt"
+    assert "step00000009.ckpt is not a readable dcae-train training checkpoint" in caplog.text
+    assert "notes.ckpt" in caplog.text
+
+
+def test_resume_says_what_it_resumes_keeps_last_ckpt_and_removes_orphans(tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("DCAE_TRAIN_FAULTS", "sigterm@3")
+    assert cli.main([f"runs_dir={runs}", *QUICK, *BASE]) == cli.EXIT_PREEMPTED
+    monkeypatch.delenv("DCAE_TRAIN_FAULTS")
+    (run,) = ckpt_lib.runs_newest_first(runs, "quickstart", 1)
+    orphan = run / "checkpoints" / ".step00000004.ckpt.k1ll3d.tmp"  # a write killed before its rename
+    orphan.write_bytes(b"PK\x03\x04 partial")
+    capsys.readouterr()
+    assert cli.main([f"runs_dir={runs}", *QUICK, *BASE, "resume=auto"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming {run / 'checkpoints' / 'last.ckpt'} at step 3\n" in out, out
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.ckpt" in names and not [n for n in names if n.startswith("last-v")], names
+    assert not orphan.exists()
