@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+import pytest
 import torch
 from _helpers_runs import fake_checkpoint
 
@@ -53,3 +54,34 @@ def test_resume_says_what_it_resumes_keeps_last_ckpt_and_removes_orphans(tmp_pat
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "last.ckpt" in names and not [n for n in names if n.startswith("last-v")], names
     assert not orphan.exists()
+
+
+MISMATCHES = [
+    ({"recipe": "dc-ae-f32c32-sana-1.1"}, "recipe=dc-ae-f32c32-sana-1.1 in the checkpoint, quickstart in this run"),
+    ({"phase": 2}, "phase=2 in the checkpoint, 1 in this run"),
+    ({"variant": "tiny-in"}, "model.variant=tiny-in in the checkpoint, tiny in this run"),
+    ({"trainable": ["decoder.*"]}, "phases.p1.trainable=['decoder.*'] in the checkpoint, ['*'] in this run"),
+]
+
+
+@pytest.mark.parametrize(("meta", "message"), MISMATCHES, ids=[next(iter(m)) for m, _ in MISMATCHES])
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, capsys, meta, message):
+    ckpt = fake_checkpoint(tmp_path / "elsewhere" / "run" / "checkpoints" / "last.ckpt", 4, **meta)
+    code = cli.main([f"runs_dir={tmp_path / 'runs'}", *QUICK, f"resume={ckpt}"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_CONFIG, err
+    assert message in err, err
+    assert not (tmp_path / "elsewhere" / "run" / "config.yaml").exists(), "nothing written into the other run"
+
+
+def test_resume_auto_continues_the_newest_run_never_an_older_finished_one(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    finished = tmp_path / "runs" / RUN  # an older, finished run: its final.ckpt is the parent of phase 2
+    final = fake_checkpoint(finished / "checkpoints" / "final.ckpt", 2)
+    ckpt_lib.write_finished(finished, final, {"recipe": "quickstart", "phase": 1, "step": 2})
+    before = final.read_bytes()
+    newest = runs / "quickstart" / "phase1" / "20260102-000000-000000"  # preempted before its first checkpoint
+    newest.mkdir(parents=True)
+    assert cli.main([f"runs_dir={runs}", *QUICK, "resume=auto"]) == 0, capsys.readouterr().err
+    assert final.read_bytes() == before, "the finished run was not touched"
+    assert ckpt_lib.stored_step(newest / "checkpoints" / "final.ckpt") == 2, "the newest run trained from step 0"

@@ -145,16 +145,59 @@ def runs_newest_first(runs_dir: str | Path, recipe: str, phase: int) -> list[Pat
 
 
 def find_resume_checkpoint(runs_dir: str | Path, recipe: str, phase: int) -> Path:
-    runs = runs_newest_first(runs_dir, recipe, phase)
-    for run in runs:
-        ckpt = latest_good_checkpoint(run)
-        if ckpt is not None:
-            return ckpt
-    where = phase_root(runs_dir, recipe, phase)
-    raise FileNotFoundError(
-        f"resume=auto: no loadable checkpoint under {where} ({len(runs)} run folders). "
-        f"Start a new run without resume, or pass resume=<path/to/checkpoint.ckpt>."
-    )
+    run, ckpt = resume_target(runs_dir, recipe, phase)
+    if ckpt is None:
+        raise FileNotFoundError(f"resume=auto: the newest run {run} has no checkpoint yet")
+    return ckpt
+
+
+def resume_target(
+    runs_dir: str | Path, recipe: str, phase: int, run_dir: str | None = None
+) -> tuple[Path, Path | None]:
+    """What `resume=auto` continues: the newest run folder of the recipe and phase (or `run_dir`), from its best
+    checkpoint, or from step 0 when it has none yet (stopped before its first one). Never an older run: that
+    one may be finished, and its final.ckpt the parent of later phases."""
+    if run_dir is None:
+        runs = runs_newest_first(runs_dir, recipe, phase)
+        if not runs:
+            raise FileNotFoundError(
+                f"resume=auto: no run of recipe {recipe!r} phase {phase} under {phase_root(runs_dir, recipe, phase)}. "
+                f"Start a new run without resume, or pass resume=<path/to/checkpoint.ckpt>."
+            )
+        run = runs[0]
+    else:
+        run = Path(run_dir)
+    ckpt = latest_good_checkpoint(run)
+    if ckpt is None and any((run / "checkpoints").glob("[!.]*.ckpt")):
+        raise ValueError(
+            f"resume=auto: no checkpoint in {run / 'checkpoints'} is readable (see the warnings above); "
+            f"pass resume=<path/to/checkpoint.ckpt> of an earlier run, or start a new run without resume"
+        )
+    if ckpt is None:
+        log.warning("resume=auto: %s has no checkpoint yet (it stopped before its first one): starting it from step 0",
+                    run)  # fmt: skip
+    return run, ckpt
+
+
+def check_same_run(path: Path, recipe: str, phase: int, variant: str, trainable: list[str]) -> None:
+    """Refuse to resume a checkpoint of another recipe, phase, variant or trainable set (ValueError naming it)."""
+    _, meta = read_training_checkpoint(path, mmap=True)
+    mismatches = [
+        (key, got, want)
+        for key, got, want in (
+            ("recipe", meta.recipe, recipe),
+            ("phase", meta.phase, phase),
+            ("model.variant", meta.variant, variant),
+            (f"phases.p{phase}.trainable", meta.trainable, trainable),
+        )
+        if got is not None and got != want
+    ]
+    if mismatches:
+        what = "; ".join(f"{key}={got} in the checkpoint, {want} in this run" for key, got, want in mismatches)
+        raise ValueError(
+            f"resume={path}: a checkpoint of another run ({what}). Resume it with the same settings, or use "
+            f"init_from={path} to start this run from its weights"
+        )
 
 
 def find_parent_checkpoint(runs_dir: str | Path, recipe: str, phase: int) -> Path:

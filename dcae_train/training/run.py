@@ -67,6 +67,7 @@ def build_run(cfg_in: DictConfig | TrainConfig) -> Run:
     meta = CheckpointMeta(
         model.config.to_dict(), cfg.model.variant, float(model.scaling_factor), cfg.phase, cfg.recipe,
         parent=paths["init_from"], lpips_pretrained=loss.perceptual.pretrained if loss.perceptual else True,
+        trainable=list(phase.trainable),
     )  # fmt: skip
     module = AutoencoderModule(
         model, loss, phase, meta=meta, max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
@@ -105,25 +106,26 @@ def resolve_paths(cfg: TrainConfig) -> dict[str, Any]:
         return json.loads(os.environ[ENV_RESOLVED])
     resume: str | None = None
     init_from = cfg.init_from
-    if cfg.resume:
-        path = (
-            ckpt_lib.find_resume_checkpoint(cfg.runs_dir, cfg.recipe, cfg.phase)
-            if cfg.resume == "auto"
-            else Path(cfg.resume)
-        )
+    path: Path | None = None
+    if cfg.resume == "auto":  # the newest run folder (or run_dir=): its best checkpoint, or step 0 if it has none
+        run_dir, path = ckpt_lib.resume_target(cfg.runs_dir, cfg.recipe, cfg.phase, cfg.run_dir)
+    elif cfg.resume:
+        path = Path(cfg.resume)
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else path.parent.parent
+    else:
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else _new_run_dir(cfg)
+    if path is not None:
         if not path.is_file():
             raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint file")
         if not ckpt_lib.is_loadable(path):
             raise ValueError(f"resume={path}: the file is truncated or corrupt; pass an earlier checkpoint")
         step = ckpt_lib.check_resumable(path)
+        ckpt_lib.check_same_run(path, cfg.recipe, cfg.phase, cfg.model.variant, list(cfg.phase_config.trainable))
         if is_global_rank_zero():
             print(f"resuming {path} at step {step}", flush=True)
         resume = str(path)
-        run_dir = Path(cfg.run_dir) if cfg.run_dir else path.parent.parent
-    else:
-        run_dir = Path(cfg.run_dir) if cfg.run_dir else _new_run_dir(cfg)
-        if cfg.phase > 1 and (init_from is None or init_from == "auto"):
-            init_from = str(ckpt_lib.find_parent_checkpoint(cfg.runs_dir, cfg.recipe, cfg.phase))
+    elif cfg.phase > 1 and (init_from is None or init_from == "auto"):
+        init_from = str(ckpt_lib.find_parent_checkpoint(cfg.runs_dir, cfg.recipe, cfg.phase))
     resolved = {"run_dir": str(run_dir.resolve()), "resume": resume, "init_from": init_from}
     os.environ[ENV_RESOLVED] = json.dumps(resolved)
     return resolved

@@ -34,6 +34,7 @@ class CheckpointMeta:
     lpips_pretrained: bool  # False when LPIPS ran on a random trunk (quickstart offline)
     step: int = 0  # autoencoder updates so far (= Lightning's global_step)
     nonfinite_total: int = 0  # skipped non-finite steps so far
+    trainable: list[str] | None = None  # the phase's `trainable` globs (None in checkpoints from before they were kept)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
