@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,15 @@ def test_resume_auto_continues_the_newest_run_never_an_older_finished_one(tmp_pa
     assert cli.main([f"runs_dir={runs}", *QUICK, "resume=auto"]) == 0, capsys.readouterr().err
     assert final.read_bytes() == before, "the finished run was not touched"
     assert ckpt_lib.stored_step(newest / "checkpoints" / "final.ckpt") == 2, "the newest run trained from step 0"
+
+
+def test_moved_runs_folder_chains_phases_to_its_own_files(tmp_path):
+    original = tmp_path / "runs"
+    final = fake_checkpoint(original / RUN / "checkpoints" / "final.ckpt", 2)
+    ckpt_lib.write_finished(original / RUN, final, {"recipe": "quickstart", "phase": 1, "step": 2})
+    assert json.loads((original / RUN / "FINISHED.json").read_text())["checkpoint"] == "checkpoints/final.ckpt"
+    copy = tmp_path / "elsewhere" / "runs"
+    shutil.copytree(original, copy)
+    assert ckpt_lib.find_parent_checkpoint(copy, "quickstart", 2) == copy / RUN / "checkpoints" / "final.ckpt"
+    shutil.rmtree(original)  # moved, not copied: still found
+    assert ckpt_lib.find_parent_checkpoint(copy, "quickstart", 2) == copy / RUN / "checkpoints" / "final.ckpt"

@@ -8,7 +8,8 @@
   file, or one that is not a dcae-train training checkpoint, is skipped with a warning.
 - Temporary files of writes that were killed half-way are removed when a run (re)starts in its folder.
 - Phase N > 1 starts from the final checkpoint of the latest *finished* run of phase N-1 (the run folder
-  holds a `FINISHED.json` written after its last checkpoint).
+  holds a `FINISHED.json` written after its last checkpoint, naming it relative to the run folder, so runs
+  folders can be moved or copied).
 """
 
 from __future__ import annotations
@@ -207,9 +208,7 @@ def find_parent_checkpoint(runs_dir: str | Path, recipe: str, phase: int) -> Pat
         marker = run / FINISHED
         if not marker.is_file():
             continue
-        ckpt = Path(json.loads(marker.read_text())["checkpoint"])
-        if not ckpt.is_absolute():
-            ckpt = run / ckpt
+        ckpt = _finished_checkpoint(run, json.loads(marker.read_text())["checkpoint"])
         if ckpt.is_file() and is_loadable(ckpt):
             return ckpt
         log.warning("finished run %s names a missing or corrupt checkpoint %s; trying an older run", run, ckpt)
@@ -221,8 +220,19 @@ def find_parent_checkpoint(runs_dir: str | Path, recipe: str, phase: int) -> Pat
     )
 
 
+def _finished_checkpoint(run: Path, stored: str) -> Path:
+    """The marker's checkpoint in *this* copy of the run: relative paths (ours) are relative to the run folder;
+    an absolute one (older markers) is used only when the run folder holds no file of that name."""
+    path = Path(stored)
+    if not path.is_absolute():
+        return run / path
+    own = run / "checkpoints" / path.name
+    return own if own.is_file() else path
+
+
 def write_finished(run_dir: Path, checkpoint: Path, info: dict[str, Any]) -> None:
-    payload = {"checkpoint": str(checkpoint.resolve()), **info}
+    # Relative to the run folder, so a moved or copied runs folder keeps chaining phases to its own files.
+    payload = {"checkpoint": os.path.relpath(checkpoint.resolve(), Path(run_dir).resolve()), **info}
     tmp = run_dir / f".{FINISHED}.tmp"
     tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, run_dir / FINISHED)
