@@ -59,6 +59,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         require(self.phase in (1, 2, 3), "phase", self.phase, "the recipe has phases 1, 2 and 3", 2)
+        require(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32) (numpy's seed range)", 0)
         if self.resume and self.init_from:
             raise ConfigError(
                 "resume",

@@ -171,6 +171,41 @@ def test_bad_config_fails_before_training_naming_the_key(tmp_path, capsys, overr
     assert not any(runs.rglob("*.ckpt")), "no training happened"
 
 
+EARLY_CONFIGS = [
+    (["trainer.devices=abc"], "trainer.devices='abc'"),
+    (["trainer.devices='0,1'"], "trainer.devices='0,1': on the CPU"),
+    (["trainer.accelerator=tpu"], "trainer.accelerator='tpu'"),
+    (["trainer.strategy=foo"], "trainer.strategy='foo'"),
+    (["seed=-1"], "seed=-1"),
+    (["data.crop_scale=[0.5]"], "data.crop_scale=[0.5]"),
+    (["data.warn_every_s=-1"], "data.warn_every_s=-1.0"),
+    (["phases.p1.optimizer.grad_clip=-1"], "phases.p1.optimizer.grad_clip=-1.0"),
+    (["phases.p1.optimizer.warmup_start_factor=-0.5"], "phases.p1.optimizer.warmup_start_factor=-0.5"),
+    (["phases.p1.optimizer.betas=[0.9]"], "phases.p1.optimizer.betas=[0.9]"),
+    (["phases.p1.ema.every=0"], "phases.p1.ema.every=0"),
+    (["runs_dir={file}/runs"], "runs_dir='{file}/runs': cannot create or write the run folder"),
+    (["run_dir={file}/run"], "run_dir='{file}/run': cannot create or write the run folder"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), EARLY_CONFIGS, ids=[m.split(":")[0] for _, m in EARLY_CONFIGS])
+def test_bad_value_fails_before_the_model_is_built(tmp_path, capsys, monkeypatch, overrides, message):
+    from dcae_train.training import run as run_lib
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the config was checked")
+
+    monkeypatch.setattr(run_lib, "build_run_model", no_model)
+    a_file = tmp_path / "a-file"  # a path below a regular file cannot be created, also for root
+    a_file.write_text("")
+    args = [o.format(file=a_file) for o in overrides]
+    code = cli.main([f"runs_dir={tmp_path / 'runs'}", *SMOKE, *args])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_CONFIG, err
+    assert message.format(file=a_file) in err, err
+    assert "Traceback" not in err, err
+
+
 # Untrusted files --------------------------------------------------------------------------------------
 class _Exploit:
     def __reduce__(self):

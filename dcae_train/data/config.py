@@ -44,8 +44,10 @@ class DataConfig:
         self.crop = CROP_ALIASES.get(self.crop, self.crop)
         check_choice("crop", self.crop, CROPS)
         check_choice("small_images", self.small_images, SMALL_IMAGE_POLICIES)
+        rule = "must be [min, max] with 0 < min <= max <= 1"
+        require(len(self.crop_scale) == 2, "crop_scale", list(self.crop_scale), rule, [0.25, 1.0])
         lo, hi = (float(v) for v in self.crop_scale)
-        require(0.0 < lo <= hi <= 1.0, "crop_scale", list(self.crop_scale), "must satisfy 0 < min <= max <= 1")
+        require(0.0 < lo <= hi <= 1.0, "crop_scale", list(self.crop_scale), rule, [0.25, 1.0])
         self.crop_scale = [lo, hi]
         check_at_least(self, ("epoch_batches", "shuffle_buffer", "prefetch_factor", "max_pixels"), 1)
         require(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0 (0 = main process)", 8)
@@ -54,6 +56,7 @@ class DataConfig:
         require(
             self.val_samples is None or self.val_samples >= 1, "val_samples", self.val_samples, "must be >= 1 or null"
         )
+        require(self.warn_every_s >= 0, "warn_every_s", self.warn_every_s, "must be >= 0 (0 = every bad sample)", 60.0)
         require(self.max_aspect >= 1, "max_aspect", self.max_aspect, "must be >= 1 (long side / short side)", 16.0)
         self._check_specs()
 

@@ -10,6 +10,7 @@ differs; docs/recipe.md explains each value.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,8 @@ from dcae_train.schema import ConfigError, check_at_least, check_choice, require
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "bf16-true", "64-true")
 MATMUL_PRECISIONS = ("highest", "high", "medium")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+DEVICE_STRING = re.compile(r"-?\d+|\d+(,\d+)*,?")  # "2", "-1", "0,1", "1," (Lightning's device-id strings)
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 PHASE2_TRAINABLE = ["encoder.conv_out.*", "decoder.conv_in.*"]  # [3P] encoder.project_out + decoder.project_in
@@ -176,9 +179,11 @@ class TrainerConfig:
     max_nonfinite_steps: int = 20  # consecutive non-finite steps before the run stops (exit code 3)
 
     def __post_init__(self) -> None:
+        check_choice("accelerator", self.accelerator, ACCELERATORS)
         d = self.devices
-        ok = d == "auto" or (isinstance(d, int) and (d >= 1 or d == -1)) or (isinstance(d, str) and d != "")
-        require(ok and not isinstance(d, bool), "devices", d, "must be >= 1, -1 (all) or 'auto'", 1)
+        ok = d == "auto" or (isinstance(d, int) and (d >= 1 or d == -1))
+        ok = ok or (isinstance(d, str) and DEVICE_STRING.fullmatch(d) is not None and d.lstrip("-") != "0")
+        require(ok and not isinstance(d, bool), "devices", d, "must be >= 1, -1 (all), 'auto' or ids like '0,1'", 1)
         check_at_least(self, ("num_nodes", "max_nonfinite_steps"), 1)
         if self.precision not in PRECISIONS:
             raise ConfigError(

@@ -21,6 +21,8 @@ import socket
 import time
 from pathlib import Path
 
+from dcae_train.schema import ConfigError
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
@@ -37,13 +39,19 @@ def is_global_rank_zero() -> bool:
     return int(rank) == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
 
 
-def lock_run_dir(run_dir: Path) -> None:
-    """Take the run folder's lock for this process, or raise RunLockedError naming the live holder."""
+def lock_run_dir(run_dir: Path, source: tuple[str, str] | None = None) -> None:
+    """Create the run folder and take its lock for this process; RunLockedError names a live holder, and a
+    folder that cannot be created or written is a ConfigError on `source` ((key, value): runs_dir or run_dir)."""
     key = str(Path(run_dir).resolve())
     if key in _held:
         return  # this process already writes here (e.g. a test that builds the same run twice)
-    Path(key).mkdir(parents=True, exist_ok=True)
-    fd = os.open(Path(key) / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        Path(key).mkdir(parents=True, exist_ok=True)
+        fd = os.open(Path(key) / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        rule = f"cannot create or write the run folder {key} ({err.strerror}); pick a writable folder"
+        name, value = source or ("run_dir", str(run_dir))
+        raise ConfigError(name, value, rule, "runs") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -17,12 +17,13 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 
 from dcae_train.config import TrainConfig, to_config
 from dcae_train.losses import AutoencoderLoss
 from dcae_train.models import DCAE, build_model, variant_config
+from dcae_train.schema import ConfigError
 from dcae_train.training import checkpoint as ckpt_lib
 from dcae_train.training.callbacks import FinishedMarker, LossCurves, ReconstructionGrids
 from dcae_train.training.config import PhaseConfig
@@ -57,7 +58,8 @@ def build_run(cfg_in: DictConfig | TrainConfig) -> Run:
     paths = resolve_paths(cfg)
     run_dir = Path(paths["run_dir"])
     if is_global_rank_zero():
-        lock_run_dir(run_dir)  # one writer per run folder; a second one stops here with exit 2
+        source = ("run_dir", cfg.run_dir) if cfg.run_dir else ("runs_dir", cfg.runs_dir)
+        lock_run_dir(run_dir, source)  # one writer per run folder: a second one stops here with exit 2
         ckpt_lib.remove_orphaned_temporaries(run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
@@ -92,8 +94,14 @@ def build_run(cfg_in: DictConfig | TrainConfig) -> Run:
 def check_environment(cfg: TrainConfig) -> None:
     """What the machine must offer for the config (the config's own rules are checked in its dataclasses)."""
     t = cfg.trainer
+    if t.strategy != "auto" and t.strategy not in StrategyRegistry:  # Lightning's names need Lightning: checked here
+        shown = ", ".join(["auto", *sorted(StrategyRegistry.available_strategies())[:8], "..."])
+        raise ConfigError("trainer.strategy", t.strategy, f"not a Lightning strategy name ({shown})", "ddp")
     if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ValueError("trainer.accelerator=gpu but CUDA is not available here; use trainer.accelerator=cpu")
+    on_cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and not (t.devices == "auto" or str(t.devices).isdigit()):  # Lightning's CPU takes a process count
+        raise ConfigError("trainer.devices", t.devices, "on the CPU must be a number of processes >= 1 or 'auto'", 2)
     gpus = torch.cuda.device_count()
     if isinstance(t.devices, int) and t.devices > 1 and t.accelerator in ("gpu", "cuda") and t.devices > gpus:
         raise ValueError(f"trainer.devices={t.devices} but only {gpus} CUDA devices are visible")
