@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
 from dcae_train.config import compose, help_text, recipe_names
+from dcae_train.training.checkpoint import latest_good_checkpoint, stored_step
 from dcae_train.training.faults import EXIT_PREEMPTED, Preempted, PreemptionSignals, preemption_signals
 from dcae_train.training.module import NonFiniteLossError
 from dcae_train.training.run import Run, build_run
@@ -99,8 +100,16 @@ def _train(argv: Sequence[str], signals: PreemptionSignals) -> int:
     try:
         return fit(run)
     except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err} {_kept_checkpoint(run)}", file=sys.stderr)
         return EXIT_NONFINITE
+
+
+def _kept_checkpoint(run: Run) -> str:
+    """What the non-finite stop leaves: the last good checkpoint, or none (never promise one not written)."""
+    good = latest_good_checkpoint(run.run_dir)
+    if good is None:
+        return "No checkpoint was written before the stop: start the run again (not resume=auto)."
+    return f"The last good checkpoint is intact ({good}, step {stored_step(good)}): resume=auto continues from it."
 
 
 def _information(argv: Sequence[str]) -> str | None:

@@ -242,3 +242,30 @@ def test_fault_spec_parsing():
     assert parse_faults("nan@3,kill@6,nan@3") == {3: ["nan", "nan"], 6: ["kill"]}
     with pytest.raises(ValueError, match="DCAE_TRAIN_FAULTS"):
         parse_faults("explode@1")
+
+
+# Non-finite weights and the non-finite stop ------------------------------------------------------------------
+def test_init_from_weights_with_nan_or_inf_are_refused_naming_the_tensors(tmp_path, capsys):
+    from dcae_train.models import build_model
+    from dcae_train.weights import export_diffusers
+
+    model = build_model("tiny")
+    with torch.no_grad():
+        model.decoder.conv_out.weight[0, 0, 0, 0] = float("nan")
+        model.encoder.conv_in.bias[0] = float("inf")
+    folder = export_diffusers(model, tmp_path / "diverged")
+    code = cli.main([f"runs_dir={tmp_path / 'runs'}", *SMOKE, f"init_from={folder}"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_CONFIG, err
+    assert "2 tensor(s) hold NaN or Inf" in err and "decoder.conv_out.weight (1 of" in err, err
+    assert "encoder.conv_in.bias" in err
+    assert not any((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def test_nonfinite_stop_before_the_first_checkpoint_promises_none(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DCAE_TRAIN_FAULTS", "nan@1,nan@1,nan@1")
+    code = cli.main([f"runs_dir={tmp_path / 'runs'}", *SMOKE, *BASE, "trainer.max_nonfinite_steps=3"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_NONFINITE
+    assert "No checkpoint was written before the stop" in err, err
+    assert "intact" not in err

@@ -12,13 +12,10 @@ import torch
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many non-finite steps in a row: the run stops (exit code 3), the last good checkpoint is kept."""
+    """Too many non-finite steps in a row: the run stops (exit code 3); checkpoints written before are kept."""
 
 
-_FIX = (
-    "The last good checkpoint is intact: resume=auto continues from it (lower the learning rate or enable "
-    "optimizer.grad_clip)."
-)
+_FIX = "Lower the learning rate or enable optimizer.grad_clip."  # the CLI adds which checkpoint, if any, is kept
 
 
 class NonFiniteGuard:

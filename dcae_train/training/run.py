@@ -33,8 +33,9 @@ from dcae_train.training.faults import FAULTS_ENV, FaultInjection, Preemption
 from dcae_train.training.lock import is_global_rank_zero, lock_run_dir
 from dcae_train.training.module import AutoencoderModule
 from dcae_train.training.tracking import build_wandb_logger
-from dcae_train.weights import load_model
+from dcae_train.weights import WeightsError, load_model
 from dcae_train.weights.checkpoint import CheckpointMeta
+from dcae_train.weights.loading import non_finite_tensors
 
 ENV_RESOLVED = "DCAE_TRAIN_RESOLVED"  # set by rank 0 for processes Lightning relaunches (DDP children)
 
@@ -159,6 +160,12 @@ def build_run_model(cfg: TrainConfig, init_from: str | None) -> DCAE:
     variant = cfg.model.variant
     if init_from:
         model = load_model(init_from, ema=cfg.init_ema)
+        bad = non_finite_tensors(model)
+        if bad:  # training from them only skips non-finite steps until the run stops
+            raise WeightsError(
+                f"init_from={init_from}: {len(bad)} tensor(s) hold NaN or Inf, e.g. {', '.join(bad[:5])}. These "
+                f"weights diverged: start from an earlier checkpoint of that run (its step*.ckpt files)"
+            )
         want = variant_config(variant).to_diffusers_config()
         got = model.config.to_diffusers_config()
         diff = sorted(k for k in want if k != "scaling_factor" and want[k] != got[k])

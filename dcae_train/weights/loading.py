@@ -69,6 +69,16 @@ def load_model(source: str | Path, *, ema: bool = True, variant: str | None = No
     )
 
 
+def non_finite_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers holding NaN or Inf, each with its count."""
+    bad = []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            bad.append(f"{name} ({n} of {t.numel()} values)")
+    return bad
+
+
 # Sources -----------------------------------------------------------------------------------------------
 def _load_folder(folder: Path, variant: str | None) -> DCAE:
     config_path = folder / CONFIG_NAME
