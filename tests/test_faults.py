@@ -269,3 +269,13 @@ def test_nonfinite_stop_before_the_first_checkpoint_promises_none(tmp_path, monk
     assert code == cli.EXIT_NONFINITE
     assert "No checkpoint was written before the stop" in err, err
     assert "intact" not in err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_checkpoint_file_mode_follows_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        ckpt_lib.atomic_torch_save({"v": torch.zeros(2)}, tmp_path / "last.ckpt")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == 0o666 & ~umask
