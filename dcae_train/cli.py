@@ -47,6 +47,7 @@ QUIET = (
     r".*Using ModelCheckpoint with manual optimization.*",
     r".*Experiment logs directory .* exists and is not empty.*",
     r".*`IterableDataset` has `__len__` defined.*",
+    r".*your dataloader is not resumable.*",  # the datamodule saves the stream position (exact mid-epoch resume)
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
     r".*litlogger.*",
     r".*The parameter 'pretrained' is deprecated.*",  # lpips with torchvision >= 0.13

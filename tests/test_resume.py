@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -99,3 +100,36 @@ def test_moved_runs_folder_chains_phases_to_its_own_files(tmp_path):
     assert ckpt_lib.find_parent_checkpoint(copy, "quickstart", 2) == copy / RUN / "checkpoints" / "final.ckpt"
     shutil.rmtree(original)  # moved, not copied: still found
     assert ckpt_lib.find_parent_checkpoint(copy, "quickstart", 2) == copy / RUN / "checkpoints" / "final.ckpt"
+
+
+EXACT = [
+    "phases.p1.max_steps=8",
+    "phases.p1.ckpt_every=100",
+    "phases.p1.log_every=1",
+    "phases.p1.val_every=100",
+    "phases.p1.image_every=100",
+    "data.epoch_batches=4",
+    "trainer.deterministic=true",
+]
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    with open(run / "metrics.csv", newline="") as f:
+        return [(int(r["step"]), float(r["train/loss_total"])) for r in csv.DictReader(f) if r.get("train/loss_total")]
+
+
+def test_mid_epoch_resume_is_exact_and_metrics_keep_their_history(tmp_path, monkeypatch):
+    """Preempted at step 6, two batches into the second epoch: the resumed run sees the same batches as an
+    uninterrupted one (the stream position is in the checkpoint), and metrics.csv keeps the rows from before."""
+    ref_runs, cut_runs = tmp_path / "ref", tmp_path / "cut"
+    assert cli.main([f"runs_dir={ref_runs}", *QUICK, *EXACT]) == 0
+    monkeypatch.setenv("DCAE_TRAIN_FAULTS", "sigterm@6")
+    assert cli.main([f"runs_dir={cut_runs}", *QUICK, *EXACT]) == cli.EXIT_PREEMPTED
+    monkeypatch.delenv("DCAE_TRAIN_FAULTS")
+    (cut,) = ckpt_lib.runs_newest_first(cut_runs, "quickstart", 1)
+    assert ckpt_lib.stored_step(cut / "checkpoints" / "last.ckpt") == 6
+    assert cli.main([f"runs_dir={cut_runs}", *QUICK, *EXACT, "resume=auto"]) == 0
+    (ref,) = ckpt_lib.runs_newest_first(ref_runs, "quickstart", 1)
+    got, want = losses(cut), losses(ref)
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(8)), got
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6, abs=1e-7)

@@ -218,6 +218,8 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
     cut = step_values(read_metrics(cut_run), "train/loss_total")
     for step in (4, 5, 6, 7):
         assert cut[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, cut[step], ref[step])
+    logged = [int(r["step"]) for r in read_metrics(cut_run) if r.get("train/loss_total")]
+    assert logged == list(range(8)), "history kept; the rows of the killed segment (steps 4, 5) logged once"
 
 
 # DDP ----------------------------------------------------------------------------------------------------

@@ -264,7 +264,10 @@ class StreamLoader:
     batches per epoch (training), with the per-worker skip counts that arrive in the batches summed up.
 
     `epoch_fn` gives the epoch number used to seed the workers (the trainer's `current_epoch`, so a resumed run
-    does not replay epoch 0); without it the loader counts its own iterations.
+    does not replay epoch 0); without it the loader counts its own iterations. `skip_fn(epoch)` gives the
+    batches of that epoch a resumed run has already trained on: the epoch's stream is made again from its seed
+    and those batches are read and dropped (decoded, not trained on), so the next batch is exactly the one an
+    uninterrupted run would see. (Re-reading costs at most one epoch of decoding; a seekable stream would not.)
     """
 
     def __init__(
@@ -276,9 +279,10 @@ class StreamLoader:
         prefetch_factor: int = 2,
         pin_memory: bool = False,
         epoch_fn: Callable[[], int] | None = None,
+        skip_fn: Callable[[int], int] | None = None,
     ) -> None:
         # Named `stream`, not `dataset`: Lightning would take it for a DataLoader and warn about IterableDataset length.
-        self.stream, self.length, self.epoch_fn = dataset, length, epoch_fn
+        self.stream, self.length, self.epoch_fn, self.skip_fn = dataset, length, epoch_fn, skip_fn
         self.loader = DataLoader(
             dataset,
             batch_size=None,  # batched inside the workers
@@ -302,8 +306,10 @@ class StreamLoader:
         return self._skipped_done + sum(self._skipped_now.values())
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        skip = 0
         if isinstance(self.stream, TrainStream):  # the validation stream is the same every time
             self.stream.epoch = self.epoch_fn() if self.epoch_fn is not None else self._iterations
+            skip = self.skip_fn(self.stream.epoch) if self.skip_fn is not None else 0
         self._iterations += 1
         self._skipped_done, self._skipped_now = self.skipped, {}
         it = iter(self.loader)
@@ -312,6 +318,7 @@ class StreamLoader:
                 if self.length is not None and n >= self.length:
                     break
                 self._skipped_now[int(batch["worker"])] = int(batch["skipped"])
-                yield batch
+                if n >= skip:  # the first `skip` batches were trained on before the resume
+                    yield batch
         finally:
             del it  # shuts the workers down, also when the consumer stops early

@@ -1,6 +1,9 @@
-"""Files a person can open without an account: reconstruction grids (PNG), loss curves, the run marker.
+"""Files a person can open without an account: reconstruction grids (PNG), loss curves, the run marker; and
+the training stream's position, which checkpoints record for an exact mid-epoch resume.
 
-The metrics CSV itself is Lightning's CSVLogger, writing `<run_dir>/metrics.csv`.
+The metrics CSV is Lightning's CSVLogger writing `<run_dir>/metrics.csv`, except that a resumed run appends
+to it (`AppendingCSVLogger`; Lightning deletes it) after dropping the rows logged after the resumed
+checkpoint, so the file and `loss_curves.png` cover the whole run once.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 
@@ -85,11 +91,69 @@ class ReconstructionGrids(L.Callback):
         self.write(trainer, pl_module, "final")
 
 
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        # Lightning deletes an existing metrics.csv here. Keep it, and its header, so new rows are appended.
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])
+
+
+class AppendingCSVLogger(CSVLogger):
+    """CSVLogger that appends to an existing metrics.csv (a resumed run) instead of deleting it."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def drop_rows_after(csv_path: Path, step: int) -> None:
+    """Remove the rows logged after `step` (by a run killed after its last checkpoint): resumed, it logs them again."""
+    if not csv_path.is_file():
+        return
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames or [], list(reader)
+    keep = [r for r in rows if not r.get("step") or int(float(r["step"])) < step]
+    if len(keep) == len(rows):
+        return
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(keep)
+    tmp.replace(csv_path)
+
+
+class DataPosition(L.Callback):
+    """Tells the datamodule which batch of the epoch is being trained on, so checkpoints store the position."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        note = getattr(trainer.datamodule, "note_batch", None)
+        if note is not None:
+            note(trainer.current_epoch, batch_idx)
+
+
 class LossCurves(L.Callback):
     """At the end of fit: `<run_dir>/loss_curves.png` from the metrics CSV."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
+        self._resumed = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._resumed = bool(trainer.ckpt_path)
+
+    @rank_zero_only
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._resumed:  # the rows from after the resumed checkpoint are logged again from here on
+            self._resumed = False
+            # Lightning's logging step, as restored (its loop adds the resumed batch only once the epoch starts)
+            drop_rows_after(self.run_dir / "metrics.csv", trainer.fit_loop.epoch_loop._batches_that_stepped)
 
     @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:

@@ -52,6 +52,9 @@ class ImageDataModule(L.LightningDataModule):
         self._train: StreamLoader | None = None
         self._val: StreamLoader | None = None
         self._specs: dict[str, Any] | None = None
+        # Where the training stream stands: (epoch, batches of it trained on); saved in every checkpoint.
+        self.position: tuple[int, int] = (0, 0)
+        self._resume_at: tuple[int, int] | None = None  # from a checkpoint, used by the next epoch's iterator
 
     # Specs ----------------------------------------------------------------------------------------
     def _uses_demo(self) -> bool:
@@ -122,6 +125,7 @@ class ImageDataModule(L.LightningDataModule):
                 prefetch_factor=self.config.prefetch_factor,
                 pin_memory=torch.cuda.is_available(),
                 epoch_fn=self._epoch if has_trainer else None,
+                skip_fn=self._batches_to_skip,
             )
         return self._train
 
@@ -142,6 +146,22 @@ class ImageDataModule(L.LightningDataModule):
                 stream, num_workers=workers, prefetch_factor=self.config.prefetch_factor, pin_memory=False
             )
         return self._val
+
+    # Stream position (exact mid-epoch resume) -----------------------------------------------------------
+    def note_batch(self, epoch: int, batch_idx: int) -> None:
+        """Called as each training batch starts: once it is done, `batch_idx + 1` batches of `epoch` are used
+        (checkpoints are written after a batch, so this is the position they must record)."""
+        self.position = (int(epoch), int(batch_idx) + 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.position[0], "batches": self.position[1]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume_at = (int(state["epoch"]), int(state["batches"]))
+
+    def _batches_to_skip(self, epoch: int) -> int:
+        resume, self._resume_at = self._resume_at, None  # once: later epochs start from their beginning
+        return resume[1] if resume is not None and resume[0] == epoch else 0
 
     # Counters -------------------------------------------------------------------------------------
     def skipped_samples(self) -> int:

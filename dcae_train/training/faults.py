@@ -139,7 +139,13 @@ class Preemption(L.Callback):
             return
         ckpt = self.run_dir / "checkpoints" / f"preempt-step{trainer.global_step:08d}.ckpt"
         trainer.save_checkpoint(ckpt, weights_only=False)
-        trainer.save_checkpoint(self.run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+        last = self.run_dir / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(last, weights_only=False)
+        # Else ModelCheckpoint rewrites last.ckpt as the stopped fit ends, with the epoch marked complete: the
+        # resumed run would then skip the rest of that epoch's batches. (Private attributes of Lightning 2.x.)
+        for callback in trainer.checkpoint_callbacks:
+            callback._last_global_step_saved = trainer.global_step
+            callback._last_checkpoint_saved = str(last)
         trainer.should_stop = True
         self.preempted = True  # read by FinishedMarker and by the CLI for the exit code
         pl_module.print(f"preempted by {self.requested or 'a signal on another rank'}: saved {ckpt}; exiting")

@@ -16,7 +16,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,7 +24,13 @@ from dcae_train.losses import AutoencoderLoss
 from dcae_train.models import DCAE, build_model, variant_config
 from dcae_train.schema import ConfigError
 from dcae_train.training import checkpoint as ckpt_lib
-from dcae_train.training.callbacks import FinishedMarker, LossCurves, ReconstructionGrids
+from dcae_train.training.callbacks import (
+    AppendingCSVLogger,
+    DataPosition,
+    FinishedMarker,
+    LossCurves,
+    ReconstructionGrids,
+)
 from dcae_train.training.config import PhaseConfig
 from dcae_train.training.datamodule import ImageDataModule
 from dcae_train.training.eval_callback import EvalCallback
@@ -227,7 +232,7 @@ def _trains_batchnorm(module: AutoencoderModule) -> bool:
 
 
 def _loggers(cfg: TrainConfig, run_dir: Path) -> list[Any]:
-    loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    loggers: list[Any] = [AppendingCSVLogger(save_dir=str(run_dir), name="", version="")]
     wandb_logger = build_wandb_logger(cfg.logger.wandb, run_dir, cfg.recipe, cfg.phase)
     return loggers + ([wandb_logger] if wandb_logger is not None else [])
 
@@ -248,6 +253,7 @@ def _callbacks(cfg: TrainConfig, run_dir: Path, preemption: Preemption) -> list[
         ),
         ReconstructionGrids(run_dir, phase.image_every),
         LossCurves(run_dir),
+        DataPosition(),
         FinishedMarker(run_dir, {"recipe": cfg.recipe, "phase": cfg.phase}, preemption),
         # Under SLURM, Lightning's auto-requeue owns SIGUSR1 (it saves an hpc checkpoint and requeues the job).
         preemption,
