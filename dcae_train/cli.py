@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
 from dcae_train.config import compose, help_text, recipe_names
+from dcae_train.data.webdataset import NoUsableDataError, message_of
 from dcae_train.training.checkpoint import latest_good_checkpoint, stored_step
 from dcae_train.training.faults import EXIT_PREEMPTED, Preempted, PreemptionSignals, preemption_signals
 from dcae_train.training.module import NonFiniteLossError
@@ -103,6 +104,9 @@ def _train(argv: Sequence[str], signals: PreemptionSignals) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err} {_kept_checkpoint(run)}", file=sys.stderr)
         return EXIT_NONFINITE
+    except NoUsableDataError as err:  # raised in a DataLoader worker: our line, without the worker's traceback
+        print(f"error: {message_of(err)}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def _kept_checkpoint(run: Run) -> str:

@@ -6,12 +6,14 @@ import importlib.util
 import json
 import multiprocessing as mp
 import random
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from _helpers_data import clean_shards, jpeg, messy_samples, png, png_bomb, write_tar
 
+from dcae_train import cli
 from dcae_train.config import to_config
 from dcae_train.data import DataConfig, TrainStream, TransformSpec, ValStream, demo_shards
 from dcae_train.data.shards import list_images, write_shards
@@ -337,3 +339,43 @@ def test_datamodule_with_lightning_trainer(tmp_path, monkeypatch):
     trainer.fit(probe, datamodule=dm)
     assert probe.train_shapes == [(2, 3, 64, 64)] * 5  # 3 batches in epoch 0, 2 in epoch 1
     assert probe.val_batches >= 2 and dm.skipped_samples() == 0  # limit_val_batches=2 per validation run
+
+
+# Data that yields nothing usable fails fast ------------------------------------------------------------------
+NOTHING_USABLE = {
+    "no_image_members": ([{"__key__": f"k{i}", "txt": b"a caption"} for i in range(6)], [], "missing_image_key"),
+    "all_too_small": ([{"__key__": f"k{i}", "jpg": jpeg(24, 24, seed=i)} for i in range(6)], [], "too_small"),
+    "empty_tar": ([], [], "no samples at all"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOTHING_USABLE))
+def test_training_data_with_nothing_usable_fails_fast_naming_shard_reason_and_fix(tmp_path, capsys, case):
+    samples, _, reason = NOTHING_USABLE[case]
+    shard = write_tar(tmp_path / "bad-000000.tar", samples)
+    good_val = clean_shards(tmp_path / "val", [4])[0]
+    args = ["debug=smoke", "data=webdataset", f"data.train={shard}", f"data.val={good_val}", "data.num_workers=2",
+            "data.shuffle_buffer=8", "validate_at_start=false", f"runs_dir={tmp_path / 'runs'}"]  # fmt: skip
+    start = time.monotonic()
+    code = cli.main(args)
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_CONFIG, err
+    assert time.monotonic() - start < 120, "fails, does not spin"
+    assert str(shard) in err and reason in err and "Traceback" not in err, err
+    if case == "all_too_small":
+        assert "data.small_images=upsample" in err
+
+
+def test_non_tar_shard_and_empty_validation_set_are_clear_errors(tmp_path, capsys):
+    not_tar = tmp_path / "notes-000000.tar"
+    not_tar.write_text("this is not a tar file\n" * 10)
+    good = clean_shards(tmp_path / "train", [4])[0]
+    base = ["debug=smoke", "data=webdataset", "data.num_workers=0", "validate_at_start=false"]
+    code = cli.main([*base, f"data.train={not_tar}", f"data.val={good}", f"runs_dir={tmp_path / 'a'}"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_CONFIG and str(not_tar) in err and "shard_error" in err, err
+    empty_val = write_tar(tmp_path / "val-000000.tar", [])
+    code = cli.main([*base, "validate_at_start=true", f"data.train={good}", f"data.val={empty_val}",
+                     f"runs_dir={tmp_path / 'b'}"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_CONFIG and "validation shards" in err and str(empty_val) in err, err

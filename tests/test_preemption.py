@@ -125,3 +125,21 @@ def test_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tmp_path
     assert code == 0, capsys.readouterr().err
     assert f"taking over the stale lock of pid {proc.pid}" in caplog.text
     assert step_of(run / "checkpoints" / "final.ckpt") == step + 1
+
+
+def test_a_process_with_live_signal_proof_workers_still_exits(tmp_path):
+    """Workers ignore SIGTERM, which multiprocessing uses to end daemonic children at exit: an iterator left open
+    must not make the process hang there."""
+    script = (
+        "from dcae_train.data import DataConfig\n"
+        "from dcae_train.training.datamodule import ImageDataModule\n"
+        "dm = ImageDataModule(DataConfig(train='demo', num_workers=2), resolution=32, batch_size=2)\n"
+        "dm.setup()\n"
+        "it = iter(dm.train_dataloader())\n"
+        "next(it)\n"
+        "print('got a batch', flush=True)\n"  # exits with `it` (and its two workers) alive
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                          start_new_session=True)  # fmt: skip
+    assert done.returncode == 0 and "got a batch" in done.stdout, done.stderr[-2000:]

@@ -15,10 +15,13 @@ the union over ranks is the same set at any world size.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing.util  # noqa: F401  (registers multiprocessing's exit handler first: ours then runs before it)
 import random
 import signal
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -42,6 +45,31 @@ def slice_shards(urls: tuple[str, ...], index: int, count: int) -> tuple[str, ..
 
 
 # Skip counting ---------------------------------------------------------------------------------
+
+
+class NoUsableDataError(ValueError):
+    """The shards yield no usable image (empty, not tar, no image members, every image bad or too small).
+    Raised in a DataLoader worker, it reaches the main process with the worker's traceback around the message:
+    `message_of` takes our one line back out."""
+
+
+def message_of(err: BaseException) -> str:
+    """Our message from a NoUsableDataError, also when torch re-raised it from a worker with a traceback."""
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else ""
+    prefix = f"{NoUsableDataError.__module__}.{NoUsableDataError.__name__}: "
+    for head in (prefix, f"{NoUsableDataError.__name__}: "):
+        if last.startswith(head):
+            return last[len(head) :]
+    return last
+
+
+def _fix_hint(by_reason: Counter[str]) -> str:
+    if by_reason.get("too_small"):
+        return "set data.small_images=upsample, or train at a lower phases.pN.resolution"
+    if by_reason.get("missing_image_key"):
+        return "the samples need a jpg, jpeg, png or webp member (see docs/data.md, scripts/make_shards.py)"
+    return "check the shards (tar files with jpg/png/webp members; scripts/make_shards.py writes them)"
 
 
 class SkipCounter:
@@ -101,8 +129,20 @@ def _decode(sample: dict, spec: TransformSpec, rng: random.Random, counter: Skip
 # Training stream -----------------------------------------------------------------------------------
 
 
-def _endless_samples(urls: tuple[str, ...], rng: random.Random, counter: SkipCounter) -> Iterator[dict]:
-    """Walk the shards in a new random order on every pass; fail loudly if a whole pass yields nothing."""
+def _no_data(urls: Iterable[str], what: str, counter: SkipCounter) -> NoUsableDataError:
+    shards = list(urls)
+    named = ", ".join(shards[:3]) + (f" and {len(shards) - 3} more" if len(shards) > 3 else "")
+    counts = dict(counter.by_reason) or "no samples at all"
+    return NoUsableDataError(
+        f"{what} {named} yield no usable image (skipped: {counts}); {_fix_hint(counter.by_reason)}"
+    )
+
+
+def _endless_samples(
+    urls: tuple[str, ...], rng: random.Random, counter: SkipCounter, pass_sizes: list[int]
+) -> Iterator[dict]:
+    """Walk the shards in a new random order on every pass (each pass's sample count goes to `pass_sizes`);
+    fail loudly if a whole pass yields nothing (empty or unreadable shards)."""
     while True:
         order = list(urls)
         rng.shuffle(order)
@@ -111,7 +151,8 @@ def _endless_samples(urls: tuple[str, ...], rng: random.Random, counter: SkipCou
             n += 1
             yield sample
         if n == 0:
-            raise RuntimeError(f"shards {list(urls)[:3]}... yielded no samples in a full pass; check them")
+            raise _no_data(urls, "training shards", counter)
+        pass_sizes.append(n)
 
 
 def _mix(streams: list[Iterator[dict]], weights: list[float], rng: random.Random) -> Iterator[dict]:
@@ -180,13 +221,21 @@ class TrainStream(IterableDataset):
         worker, num_workers = _worker()
         rng = random.Random(f"dcae_train/train/{self.seed}/{self.epoch}/{self.rank}/{worker}")
         counter = SkipCounter(f"train rank {self.rank} worker {worker}", self.warn_every_s)
-        streams = [_endless_samples(urls, rng, counter) for urls in self.worker_shards(worker, num_workers)]
+        shards = self.worker_shards(worker, num_workers)
+        pass_sizes: list[int] = []
+        streams = [_endless_samples(urls, rng, counter, pass_sizes) for urls in shards]
         samples = _shuffled(_mix(streams, [s.weight for s in self.sources], rng), self.shuffle_buffer, rng)
         batch: list[tuple[torch.Tensor, str, str]] = []
+        bad_in_a_row = 0
         for sample in samples:
             x = _decode(sample, self.spec, rng, counter)
             if x is None:
+                bad_in_a_row += 1
+                # Two full passes (plus the shuffle buffer) without one usable image: there is none to find.
+                if pass_sizes and bad_in_a_row > 2 * sum(pass_sizes[: len(streams)]) + self.shuffle_buffer:
+                    raise _no_data([u for urls in shards for u in urls], "training shards", counter)
                 continue
+            bad_in_a_row = 0
             batch.append((x, sample["__key__"], sample.get("__url__", "")))
             if len(batch) == self.batch_size:
                 yield _collate(batch, counter, worker)
@@ -225,9 +274,11 @@ class ValStream(IterableDataset):
         done: list[tuple[torch.Tensor, str, str]] = []  # our previous complete batch, held back by one
         current = -1
         samples = tarfile_samples(({"url": u} for u in self.urls), handler=counter.tar_handler)
+        read = decoded = good = 0
         for i, sample in enumerate(samples):
             if self.max_samples is not None and i >= self.max_samples:
                 break
+            read += 1
             b = i // self.batch_size
             if b != current and batch:
                 if done:
@@ -237,8 +288,12 @@ class ValStream(IterableDataset):
             if self._owner(b, num_workers) != (self.rank, worker):
                 continue  # another rank's or worker's batch: the tar bytes are read, not decoded
             x = _decode(sample, self.spec, rng, counter)
+            decoded += 1
             if x is not None:
+                good += 1
                 batch.append((x, sample["__key__"], sample.get("__url__", "")))
+        if read == 0 or (decoded > 0 and good == 0):  # never a silent skip of validation
+            raise _no_data(self.urls, "validation shards", counter)
         # The last batch goes out after the whole stream is read, so its `skipped` includes every bad sample.
         for items in (done, batch):
             if items:
@@ -246,6 +301,38 @@ class ValStream(IterableDataset):
 
 
 # Loader ---------------------------------------------------------------------------------------------
+
+
+class SignalProofDataLoader(DataLoader):
+    """A DataLoader whose workers survive group signals (`ignore_preemption_signals`) and still never block the
+    interpreter's exit: multiprocessing ends daemonic children at exit with SIGTERM, which these workers ignore,
+    and then joins them, so a worker of an iterator that was never closed would hang the exit. Their processes
+    are tracked here and SIGKILLed first (our exit handler is registered after multiprocessing's, so runs first)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("worker_init_fn", ignore_preemption_signals)
+        super().__init__(*args, **kwargs)
+
+    def _get_iterator(self):
+        it = super()._get_iterator()
+        _LIVE_WORKERS.update(getattr(it, "_workers", []))
+        return it
+
+
+_LIVE_WORKERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_workers_at_exit() -> None:
+    live = [proc for proc in list(_LIVE_WORKERS) if proc.is_alive()]
+    if not live:
+        return
+    # torch's SIGCHLD handler would raise "DataLoader worker ... is killed by signal" from inside this function
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for proc in live:
+        proc.kill()
+    for proc in live:
+        proc.join(timeout=5)
 
 
 def ignore_preemption_signals(worker_id: int = 0) -> None:
@@ -283,13 +370,12 @@ class StreamLoader:
     ) -> None:
         # Named `stream`, not `dataset`: Lightning would take it for a DataLoader and warn about IterableDataset length.
         self.stream, self.length, self.epoch_fn, self.skip_fn = dataset, length, epoch_fn, skip_fn
-        self.loader = DataLoader(
+        self.loader = SignalProofDataLoader(
             dataset,
             batch_size=None,  # batched inside the workers
             num_workers=num_workers,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
             pin_memory=pin_memory,
-            worker_init_fn=ignore_preemption_signals,
             persistent_workers=False,  # workers restart each epoch and pick up the new epoch's seed
         )
         self._iterations = 0

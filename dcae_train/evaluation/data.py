@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-from dcae_train.data.webdataset import ignore_preemption_signals
+from dcae_train.data.webdataset import SignalProofDataLoader
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -139,9 +139,7 @@ def eval_loader(
         files = list(data.files[:num_images] if num_images else data.files)
         root = Path(data.root) if Path(data.root).is_dir() else Path("/")
         ds: torch.utils.data.Dataset = _FolderDataset(files[rank::world_size], root, res)
-        return torch.utils.data.DataLoader(
-            ds, batch_size=batch_size, num_workers=num_workers, worker_init_fn=ignore_preemption_signals
-        )
+        return SignalProofDataLoader(ds, batch_size=batch_size, num_workers=num_workers)
     shards = list(data.files[rank::world_size])
     if not shards:
         raise ValueError(f"{len(data.files)} shards for {world_size} ranks: each rank needs at least one shard")
@@ -152,6 +150,4 @@ def eval_loader(
         quota = -(-num_images // world_size)
         limit = -(-quota // max(num_workers, 1))
     ds = _ShardDataset(shards, res, limit)
-    return torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, num_workers=num_workers, worker_init_fn=ignore_preemption_signals
-    )
+    return SignalProofDataLoader(ds, batch_size=batch_size, num_workers=num_workers)
