@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from dcae_train.data.transforms import oriented_rgb
 from dcae_train.evaluation.metrics import psnr_per_image, to_uint8
 from dcae_train.models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, tiled_decode, tiled_encode
 from dcae_train.weights import WeightsError, load_model
@@ -41,7 +42,7 @@ def load_image(path: Path) -> torch.Tensor:
     """File -> (1, 3, H, W) float in [-1, 1]."""
     try:
         with Image.open(path) as img:
-            rgb = np.asarray(img.convert("RGB"), dtype=np.float32)
+            rgb = np.asarray(oriented_rgb(img), dtype=np.float32)  # the training decoder: EXIF, 16-bit
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: cannot read the image ({err})") from err
     return torch.from_numpy(rgb).permute(2, 0, 1)[None] / 127.5 - 1.0

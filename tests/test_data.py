@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import multiprocessing as mp
 import random
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from _helpers_data import clean_shards, jpeg, messy_samples, png, png_bomb, write_tar
+from _helpers_data import clean_shards, encode, jpeg, messy_samples, photo, png, png_bomb, write_tar
+from PIL import Image, ImageOps
 
 from dcae_train import cli
 from dcae_train.config import to_config
@@ -379,3 +382,48 @@ def test_non_tar_shard_and_empty_validation_set_are_clear_errors(tmp_path, capsy
                      f"runs_dir={tmp_path / 'b'}"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == cli.EXIT_CONFIG and "validation shards" in err and str(empty_val) in err, err
+
+
+# Images as people have them: EXIF orientation and 16-bit PNGs, one decoder everywhere -----------------------
+def _rotated_jpeg(tmp_path: Path) -> tuple[bytes, Image.Image]:
+    """A JPEG stored sideways with EXIF orientation 6 (viewers rotate it 90 degrees clockwise), and what a
+    viewer shows: the stored pixels transposed (a portrait image)."""
+    stored = Image.fromarray(photo(96, 64, seed=3))  # landscape as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    shown = ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))).convert("RGB")
+    assert shown.size == (64, 96)
+    return buf.getvalue(), shown
+
+
+def test_exif_orientation_is_applied_in_training_evaluation_and_reconstruct(tmp_path):
+    from dcae_train import reconstruct
+    from dcae_train.evaluation.data import load_image
+
+    data, shown = _rotated_jpeg(tmp_path)
+    spec = TransformSpec(resolution=32, crop="center", fast_decode=False)
+    want = decode_and_crop(encode(shown, "PNG"), spec, random.Random(0))
+    got = decode_and_crop(data, spec, random.Random(0))
+    assert (got - want).abs().mean() < 0.03, "training sees the image upright"
+    assert (load_image(data, 32) - want).abs().mean() < 0.03, "evaluation sees it upright"
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(data)
+    x = reconstruct.load_image(path)
+    assert x.shape == (1, 3, 96, 64), "reconstruct sees it upright"
+
+
+def test_16_bit_png_is_scaled_not_white_in_evaluation_and_reconstruct(tmp_path):
+    from dcae_train import reconstruct
+    from dcae_train.evaluation.data import load_image
+
+    gray8 = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (48, 1))  # a dark-to-bright ramp
+    path16 = tmp_path / "ramp16.png"
+    Image.fromarray(gray8.astype(np.uint16) * 257).save(path16)  # the same ramp in 16 bits
+    assert Image.open(path16).mode.startswith("I")
+    ref = torch.from_numpy(gray8.astype(np.float32) / 127.5 - 1.0)
+    x = reconstruct.load_image(path16)
+    assert (x[0, 0] - ref).abs().max() < 0.02, "reconstruct: not white"
+    y = load_image(path16.read_bytes(), 32)
+    assert y.min() < -0.5 and y.max() > 0.5, "evaluate: the ramp survives"

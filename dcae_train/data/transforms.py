@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 WHITE = (255, 255, 255)
@@ -78,6 +78,25 @@ def open_checked(data: bytes, spec: TransformSpec) -> Image.Image:
     return im
 
 
+SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees (width and height trade places)
+
+
+def orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored)."""
+    try:
+        return int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:  # a broken EXIF block: show the pixels as stored
+        return 1
+
+
+def oriented_rgb(im: Image.Image) -> Image.Image:
+    """The one decoder of the package (training, evaluation, reconstruct): the pixels as a viewer shows them
+    (EXIF orientation applied) in RGB, 16-bit and float data scaled to 8 bits, transparency on white."""
+    if orientation(im) != 1:
+        im = ImageOps.exif_transpose(im)
+    return to_rgb(im)
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB. Transparent pixels are composited onto white (dropping alpha shows garbage colours)."""
     if im.mode == "RGB":
@@ -135,11 +154,12 @@ def _draft(im: Image.Image, side: float, spec: TransformSpec) -> int:
 def decode_and_crop(data: bytes, spec: TransformSpec, rng: random.Random) -> torch.Tensor:
     """Encoded bytes -> (3, R, R) float32 in [-1, 1]. Raises BadSample for anything unusable."""
     im = open_checked(data, spec)
-    left, top, side = plan_crop(im.size[0], im.size[1], spec, rng)
+    w, h = im.size[::-1] if orientation(im) in SWAPS_SIDES else im.size  # the crop is planned as the image is seen
+    left, top, side = plan_crop(w, h, spec, rng)
     flip = spec.flip and rng.random() < 0.5  # drawn here so the RNG sequence does not depend on decode success
-    div = _draft(im, side, spec)
+    div = _draft(im, side, spec)  # a scale only: the same whatever the orientation
     try:
-        im = to_rgb(im)  # decodes: truncated or corrupt data fails here
+        im = oriented_rgb(im)  # decodes: truncated or corrupt data fails here
         w, h = im.size  # the drafted size is ceil(W / div): clamp against round-off at the far edges
         box = (left / div, top / div, min((left + side) / div, w), min((top + side) / div, h))
         r = spec.resolution

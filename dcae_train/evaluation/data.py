@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
+from dcae_train.data.transforms import oriented_rgb
 from dcae_train.data.webdataset import SignalProofDataLoader
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -30,7 +31,7 @@ SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 # ADM centre crop ----------------------------------------------------------------------------------------
 def adm_center_crop(img: Image.Image, res: int) -> Image.Image:
     """PIL image -> res x res RGB, as guided-diffusion's centre crop (the DC-AE evaluation crop)."""
-    img = img.convert("RGB")
+    img = oriented_rgb(img)  # EXIF orientation, 16-bit scaling, transparency: as in training
     while min(img.size) >= 2 * res:  # repeated 2x BOX downsampling: antialiased and cheap
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = res / min(img.size)
