@@ -279,3 +279,20 @@ def test_checkpoint_file_mode_follows_the_umask(tmp_path, umask):
     finally:
         os.umask(previous)
     assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_metrics_during_a_nonfinite_streak_log_skipped_steps_at_the_true_step(tmp_path, monkeypatch):
+    """Two skipped batches at step 2: today the loss, grad_norm and lr of the last good step are logged again and
+    the step column runs ahead of the real step."""
+    import csv
+
+    monkeypatch.setenv("DCAE_TRAIN_FAULTS", "nan@3,nan@3")
+    assert cli.main([f"runs_dir={tmp_path / 'runs'}", *SMOKE, *BASE]) == 0
+    with open(only_run(tmp_path / "runs") / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    losses = [(int(r["step"]), r["train/loss_total"]) for r in rows if r.get("train/loss_total")]
+    assert [s for s, _ in losses] == list(range(6)), losses  # one row per update, at its own step
+    assert len({v for _, v in losses}) == 6, "no loss is repeated"
+    skipped = [int(r["step"]) for r in rows if r.get("train/skipped")]
+    assert skipped == [2, 2], skipped
+    assert all(not r.get("train/loss_total") and not r.get("train/lr") for r in rows if r.get("train/skipped"))

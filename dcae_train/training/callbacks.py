@@ -152,8 +152,8 @@ class LossCurves(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._resumed:  # the rows from after the resumed checkpoint are logged again from here on
             self._resumed = False
-            # Lightning's logging step, as restored (its loop adds the resumed batch only once the epoch starts)
-            drop_rows_after(self.run_dir / "metrics.csv", trainer.fit_loop.epoch_loop._batches_that_stepped)
+            # Training rows carry the update's index (module._emit): the resumed run logs N, N+1, ... again
+            drop_rows_after(self.run_dir / "metrics.csv", trainer.global_step)
 
     @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:

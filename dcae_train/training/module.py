@@ -99,6 +99,7 @@ class AutoencoderModule(L.LightningModule):
                 loss, self.inject_nan_loss = loss * float("nan"), False
             grad_norm = self._guarded_step(opts[0], loss, self.phase.optimizer, opts[0].step, step, logs)
         if grad_norm is None:  # skipped on the host: no schedule, discriminator, EMA or step count this batch
+            self._emit({"train/skipped": 1.0, "train/nonfinite_steps": float(self.nonfinite.total)}, step)
             return
         scheds[0].step()
         logs["grad_norm"] = grad_norm.detach()
@@ -111,7 +112,7 @@ class AutoencoderModule(L.LightningModule):
         if (step + 1) % self.phase.log_every == 0 or step == 0:
             if prefixes:
                 logs["latent_prefix_channels"] = torch.tensor(float(sum(prefixes)) / len(prefixes))
-            self._log_train(logs, zs[-1], x, opts[0])
+            self._log_train(logs, zs[-1], x, opts[0], step)
 
     def _generator_loss(self, x, x_hats: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
         """The phase's generator loss, averaged over the reconstructions of the step's latent prefixes [ours]:
@@ -166,13 +167,21 @@ class AutoencoderModule(L.LightningModule):
 
     def _warn_nonfinite(self, message: str | None) -> None:
         if message:
-            self.log("train/nonfinite_steps", float(self.nonfinite.total), on_step=True, batch_size=1)
             self.print(f"warning: {message}")
+
+    def _emit(self, metrics: dict[str, Any], step: int) -> None:
+        """Training metrics straight to the loggers, at the true step (the update's index). Not through
+        `self.log`: Lightning steps its logging by batches (skipped ones too) and re-emits the last logged
+        values at its own cadence, so a non-finite streak would repeat the last good loss under drifting steps."""
+        values = {k: float(v) for k, v in metrics.items()}
+        for logger in self.loggers:
+            logger.log_metrics(values, step=step)
+            logger.save()  # as Lightning does after each log: a killed run keeps the rows it logged
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def _log_train(self, logs: dict[str, Any], z: torch.Tensor, x: torch.Tensor, opt_g) -> None:
+    def _log_train(self, logs: dict[str, Any], z: torch.Tensor, x: torch.Tensor, opt_g, step: int) -> None:
         out = {f"train/{k}": v for k, v in logs.items()}
         zf = z.detach().float()
         out["train/latent_mean"] = zf.mean()
@@ -187,8 +196,8 @@ class AutoencoderModule(L.LightningModule):
         out["train/peak_memory_gib"] = _peak_memory_gib(x.device)
         if isinstance(self.trainer.datamodule, ImageDataModule):  # benchmarks feed a plain DataLoader
             out["train/data_skipped"] = float(self.trainer.datamodule.skipped_samples())
-        self.log_dict(out, on_step=True, on_epoch=False, prog_bar=False, batch_size=x.shape[0])
-        self.log("loss", logs["loss_total"], prog_bar=True, on_step=True, batch_size=x.shape[0])
+        self._emit(out, step)
+        self.log("loss", logs["loss_total"], prog_bar=True, on_step=True, logger=False, batch_size=x.shape[0])
 
     # Validation -------------------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
