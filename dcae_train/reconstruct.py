@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 from dcae_train.data.transforms import oriented_rgb
 from dcae_train.evaluation.metrics import psnr_per_image, to_uint8
 from dcae_train.models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, tiled_decode, tiled_encode
+from dcae_train.models.tiling import _check_sizes as check_tile_sizes
 from dcae_train.weights import WeightsError, load_model
 
 CAPTION_PX = 24
@@ -72,7 +73,27 @@ def check_args(args: argparse.Namespace, f: int) -> list[Path]:
         raise ValueError(f"image file(s) not found: {missing}")
     if args.tile % f:
         raise ValueError(f"--tile {args.tile}: must be a multiple of the compression ratio {f}")
+    try:
+        check_tile_sizes(f, args.tile, args.overlap)
+    except ValueError as err:
+        raise ValueError(f"--overlap: {err}") from None
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file; pass a folder (it is created if missing)")
     return paths
+
+
+def output_names(paths: list[Path]) -> list[str]:
+    """One output name per input: the file's stem, with -2, -3, ... when two inputs share a stem (a/x.jpg, b/x.png),
+    so no output overwrites another."""
+    names: list[str] = []
+    for path in paths:
+        name, n = path.stem, 1
+        while name in names:
+            n += 1
+            name = f"{path.stem}-{n}"
+        names.append(name)
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,18 +107,30 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = model.to(args.device, dtype)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"{'image':<40} {'size':>11} {'PSNR (dB)':>10}")
-    for path in paths:
-        x = load_image(path).to(args.device, dtype)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"error: --out {out}: cannot create the folder ({err.strerror})", file=sys.stderr)
+        return 2
+    print(f"{'image':<40} {'size':>11} {'PSNR (dB)':>10}  output")
+    skipped = []
+    for path, name in zip(paths, output_names(paths), strict=True):
+        try:
+            x = load_image(path).to(args.device, dtype)
+        except ValueError as err:  # one unreadable file never stops the others
+            skipped.append(path)
+            print(f"skipped {err}", file=sys.stderr)
+            continue
         x_hat = reconstruct(model, x, tile=args.tile, overlap=args.overlap)
         x_u8, x_hat_u8 = to_uint8(x), to_uint8(x_hat)
         psnr = psnr_per_image(x_u8, x_hat_u8).item()
-        Image.fromarray(x_hat_u8[0].permute(1, 2, 0).cpu().numpy()).save(out / f"{path.stem}_recon.png")
+        Image.fromarray(x_hat_u8[0].permute(1, 2, 0).cpu().numpy()).save(out / f"{name}_recon.png")
         caption = f"{path.name}: original | reconstruction ({args.model}), PSNR {psnr:.2f} dB"
-        side_by_side(x_u8, x_hat_u8, caption).save(out / f"{path.stem}_compare.png")
-        print(f"{path.name:<40} {f'{x.shape[3]}x{x.shape[2]}':>11} {psnr:>10.2f}")
-    return 0
+        side_by_side(x_u8, x_hat_u8, caption).save(out / f"{name}_compare.png")
+        print(f"{path.name:<40} {f'{x.shape[3]}x{x.shape[2]}':>11} {psnr:>10.2f}  {name}_recon.png")
+    if skipped:
+        print(f"{len(skipped)} of {len(paths)} image(s) skipped as unreadable", file=sys.stderr)
+    return 2 if len(skipped) == len(paths) else 0
 
 
 if __name__ == "__main__":
