@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="image folder, folder of .tar shards, or a shard pattern")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--num-images", type=int, default=None, help="evaluate the first N images (default: all)")
+    p.add_argument("--num-images", type=int, default=None, help="evaluate the first N images (0 or omitted: all)")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model precision (protocol: fp32)")
@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _check_args(args: argparse.Namespace) -> None:
     if args.resolution <= 0 or args.batch_size <= 0:
         raise ValueError(f"--resolution={args.resolution} and --batch-size={args.batch_size} must be positive")
+    if args.num_images is not None and args.num_images < 0:
+        raise ValueError(f"--num-images={args.num_images}: give a count, or 0 for all images")
+    args.num_images = args.num_images or None  # 0 = all, as omitting it
     if args.num_images is not None and args.num_images < 2 and args.fid != "off":
         raise ValueError(f"--num-images={args.num_images}: FID needs at least 2 images (or pass --fid off)")
 

@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="image folder, folder of .tar shards, or a shard pattern")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--num-images", type=int, default=None)
+    p.add_argument("--num-images", type=int, default=None, help="the first N images (0 or omitted: all)")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
@@ -109,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scaling-file", type=Path, default=None, help="write 1/RMS per latent channel as a .npy array")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.num_images is not None and args.num_images < 0:
+        raise ValueError(f"--num-images={args.num_images}: give a count >= 1, or 0 for all images")
+    args.num_images = args.num_images or None  # 0 = all, as omitting it
     if (
         args.write_config is not None
         and not (args.write_config / "config.json").is_file()

@@ -35,3 +35,13 @@ def test_export_errors_are_one_line(tmp_path, capsys):
 def test_module_entry_point_help():
     res = subprocess.run([sys.executable, "-m", "dcae_train.export", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "--format" in res.stdout
+
+
+def test_export_into_an_existing_folder_leaves_no_stale_weights(tmp_path):
+    from dcae_train.models import build_model
+    from dcae_train.weights import export_diffusers
+
+    out = tmp_path / "export"
+    export_diffusers(build_model("tiny"), out, dtype="bf16")
+    export_diffusers(build_model("tiny"), out)  # fp32 now
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]

@@ -43,6 +43,10 @@ def export_diffusers(
     config = _config_with_factor(model, scaling_factor)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # An earlier export into this folder (another dtype, or sharded) must not leave weight files beside ours:
+    # a loader could pick the stale ones. Only files of a diffusers export are removed.
+    for stale in [*out.glob(f"{WEIGHTS_NAME}*.safetensors"), *out.glob(f"{WEIGHTS_NAME}*.safetensors.index.json")]:
+        stale.unlink()
     cfg = {"_class_name": "AutoencoderDC", "_diffusers_version": DIFFUSERS_VERSION, **config.to_diffusers_config()}
     (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     variant = {torch.float32: "", torch.bfloat16: ".bf16", torch.float16: ".fp16"}[torch_dtype]
