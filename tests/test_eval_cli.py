@@ -100,3 +100,11 @@ def test_folder_split_across_ranks_is_disjoint_and_complete(image_folder):
     batch = next(iter(eval_loader(data, 64, 2, 0)))
     assert batch["image"].shape == (2, 3, 64, 64) and batch["image"].min() >= -1 and batch["image"].max() <= 1
     assert batch["image"].dtype == torch.float32
+
+
+def test_num_images_0_means_all(image_folder, tmp_path):
+    """Today `--num-images 0` is refused as too few images for FID."""
+    out = tmp_path / "eval"
+    main(["--model", "tiny-in", "--random-init", "--data", str(image_folder), "--batch-size", "2", *TEST_FLAGS,
+          "--num-images", "0", "--stats-cache", str(tmp_path / "cache"), "--out", str(out)])  # fmt: skip
+    _finite_report(out, 5)

@@ -92,13 +92,3 @@ def test_cli_writes_json_and_config(tmp_path):
     assert load_model(export).scaling_factor == pytest.approx(stats["scaling_factor"])
     with pytest.raises(ValueError, match="no config.json"):
         main(["--model", "tiny", "--random-init", "--data", str(images), "--write-config", str(tmp_path / "none")])
-
-
-def test_num_images_0_means_all(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(3):
-        Image.fromarray((np.random.default_rng(i).random((40, 40, 3)) * 255).astype(np.uint8)).save(images / f"{i}.png")
-    stats = main(["--model", "tiny", "--random-init", "--data", str(images), "--resolution", "32", "--num-images", "0",
-                  "--num-workers", "0", "--no-progress", "--out", str(tmp_path / "s.json")])  # fmt: skip
-    assert stats["num_images_this_rank"] == 3
