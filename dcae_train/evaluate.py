@@ -219,6 +219,7 @@ def _result(args, ranks, model, per_prefix, timing, features, ref_path, cached) 
         "data": args.data,
         "resolution": args.resolution,
         "metrics": metrics,
+        "skipped_images": timing["skipped"],  # unreadable images (corrupt, bombs) skipped on this rank, warned
         "latent": latent,
         "prefixes": prefixes,  # DC-AE 1.5: the metrics and latent statistics of each --latent-channels prefix
         "model_scaling_factor": float(model.scaling_factor),

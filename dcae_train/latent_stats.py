@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from dcae_train.evaluate import DTYPES, channel_list, check_prefixes, load_eval_model, setup_ranks
 from dcae_train.evaluation.data import eval_loader, resolve_data
+from dcae_train.evaluation.evaluator import note_skipped
 from dcae_train.evaluation.latents import LatentAccumulator
 
 
@@ -46,8 +47,12 @@ def compute_latent_stats(
     was_training = model.training
     model.eval()
     acc, seen = None, 0
+    skipped = 0
     for batch in batches:
+        skipped += len(note_skipped(batch))
         x = batch["image"] if max_images is None else batch["image"][: max_images - seen]
+        if x.shape[0] == 0:  # every image of this batch was unreadable
+            continue
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             z = model.encode(x.to(device))  # (B, c, H/f, W/f)
         acc = acc or LatentAccumulator(z.shape[1])
@@ -61,7 +66,7 @@ def compute_latent_stats(
     if acc is None:
         raise ValueError("no images were encoded: the dataset is empty or --num-images is 0")
     acc.all_reduce()
-    stats = {**acc.summary(), "num_images_this_rank": seen}
+    stats = {**acc.summary(), "num_images_this_rank": seen, "skipped_images_this_rank": skipped}
     if prefixes:
         stats["prefix_scaling_factors"] = {str(c): f for c, f in acc.prefix_scaling_factors(list(prefixes)).items()}
     return stats

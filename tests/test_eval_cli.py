@@ -12,6 +12,7 @@ from PIL import Image
 
 from dcae_train.evaluate import main
 from dcae_train.evaluation.data import adm_center_crop, eval_loader, resolve_data
+from dcae_train.latent_stats import main as latent_main
 
 TEST_FLAGS = ["--lpips", "random", "--fid", "tiny", "--num-workers", "0", "--no-progress", "--resolution", "64"]
 
@@ -108,3 +109,18 @@ def test_num_images_0_means_all(image_folder, tmp_path):
     main(["--model", "tiny-in", "--random-init", "--data", str(image_folder), "--batch-size", "2", *TEST_FLAGS,
           "--num-images", "0", "--stats-cache", str(tmp_path / "cache"), "--out", str(out)])  # fmt: skip
     _finite_report(out, 5)
+
+
+def test_a_corrupt_image_or_bomb_is_skipped_and_counted_not_fatal(image_folder, tmp_path):
+    from _helpers_data import png_bomb
+
+    (image_folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg at all")
+    (image_folder / "bomb.png").write_bytes(png_bomb())
+    out = tmp_path / "eval"
+    main(["--model", "tiny-in", "--random-init", "--data", str(image_folder), "--batch-size", "2", *TEST_FLAGS,
+          "--stats-cache", str(tmp_path / "cache"), "--out", str(out)])  # fmt: skip
+    result = _finite_report(out, 5)
+    assert result["skipped_images"] == 2
+    stats = latent_main(["--model", "tiny", "--random-init", "--data", str(image_folder), "--resolution", "32",
+                         "--num-workers", "0", "--no-progress", "--out", str(tmp_path / "s.json")])  # fmt: skip
+    assert stats["num_images_this_rank"] == 5 and stats["skipped_images_this_rank"] == 2

@@ -104,7 +104,7 @@ class _FolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         f = self.files[i]
         key = str(f.relative_to(self.root)) if f.is_relative_to(self.root) else str(f)
-        return {"image": load_image(f, self.res), "__key__": key}
+        return _sample(lambda: load_image(f, self.res), key)
 
 
 class _ShardDataset(torch.utils.data.IterableDataset):
@@ -121,9 +121,28 @@ class _ShardDataset(torch.utils.data.IterableDataset):
             if self.limit is not None and count >= self.limit:
                 return
             key = next((k for k in SHARD_IMAGE_KEYS if k in sample), None)
+            name = f"{sample.get('__url__')}:{sample.get('__key__')}"
             if key is None:
-                raise ValueError(f"shard sample {sample.get('__key__')} in {sample.get('__url__')} has no image key")
-            yield {"image": load_image(sample[key], self.res), "__key__": str(sample["__key__"])}
+                yield {"image": None, "__key__": str(sample["__key__"]), "bad": f"{name}: no image member"}
+                continue
+            yield _sample(lambda s=sample, k=key: load_image(s[k], self.res), str(sample["__key__"]), name)
+
+
+def _sample(load, key: str, name: str | None = None) -> dict:
+    """One sample, or a marked bad one: a corrupt image or a decompression bomb is skipped and counted, like in
+    training, never the end of an evaluation. PIL raises many types for bad bytes, hence the broad except."""
+    try:
+        return {"image": load(), "__key__": key}
+    except Exception as err:
+        return {"image": None, "__key__": key, "bad": f"{name or key}: {type(err).__name__}: {err}"}
+
+
+def collate_good(items: list[dict]) -> dict:
+    """Batch the readable samples; `skipped` lists what was dropped (the loop counts and reports it)."""
+    good = [it for it in items if it["image"] is not None]
+    images = torch.stack([it["image"] for it in good]) if good else torch.empty(0)
+    return {"image": images, "__key__": [it["__key__"] for it in good], "skipped": [it["bad"] for it in items
+            if it["image"] is None]}  # fmt: skip
 
 
 def eval_loader(
@@ -140,7 +159,7 @@ def eval_loader(
         files = list(data.files[:num_images] if num_images else data.files)
         root = Path(data.root) if Path(data.root).is_dir() else Path("/")
         ds: torch.utils.data.Dataset = _FolderDataset(files[rank::world_size], root, res)
-        return SignalProofDataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+        return SignalProofDataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_good)
     shards = list(data.files[rank::world_size])
     if not shards:
         raise ValueError(f"{len(data.files)} shards for {world_size} ranks: each rank needs at least one shard")
@@ -151,4 +170,4 @@ def eval_loader(
         quota = -(-num_images // world_size)
         limit = -(-quota // max(num_workers, 1))
     ds = _ShardDataset(shards, res, limit)
-    return SignalProofDataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+    return SignalProofDataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_good)

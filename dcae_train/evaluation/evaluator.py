@@ -8,6 +8,7 @@ before any metric (official protocol). Under torch.distributed, `compute()` merg
 from __future__ import annotations
 
 import heapq
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from dcae_train.evaluation.metrics import FeatureStats, check_images, fid_from_s
 from dcae_train.evaluation.metrics import to_uint8 as quantise
 from dcae_train.losses.perceptual import LPIPS
 from dcae_train.models import DCAE
+
+log = logging.getLogger(__name__)
 
 
 def _dist() -> bool:
@@ -194,10 +197,13 @@ def evaluate_model(
     prefixes = list(evaluators)
     was_training = model.training
     model.eval()
-    seen, t0 = 0, time.perf_counter()
+    seen, t0, skipped = 0, time.perf_counter(), []
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     for batch in batches:
+        skipped += note_skipped(batch)
         x = batch["image"]
+        if x.shape[0] == 0:  # every image of this batch was unreadable
+            continue
         keys = batch.get("__key__")
         if max_images is not None:
             x, keys = x[: max_images - seen], (keys[: max_images - seen] if keys is not None else None)
@@ -216,4 +222,14 @@ def evaluate_model(
         torch.cuda.synchronize(device)
     model.train(was_training)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "images": seen, "images_per_s": seen / max(seconds, 1e-9)}
+    if skipped:
+        log.warning("skipped %d unreadable image(s) in total", len(skipped))
+    return {"seconds": seconds, "images": seen, "images_per_s": seen / max(seconds, 1e-9), "skipped": len(skipped)}
+
+
+def note_skipped(batch: dict) -> list[str]:
+    """The batch's unreadable images (corrupt, bombs, no image member), each warned about once."""
+    bad = list(batch.get("skipped", []))
+    for what in bad:
+        log.warning("skipped an unreadable image: %s", what)
+    return bad
