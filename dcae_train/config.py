@@ -27,7 +27,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from dcae_train.data.config import DataConfig
 from dcae_train.evaluation.config import EvaluationConfig
-from dcae_train.losses.config import PerceptualConfig
+from dcae_train.losses.config import FoundationConfig, PerceptualConfig
 from dcae_train.models.options import ModelConfig
 from dcae_train.models.variants import variant_config
 from dcae_train.schema import ConfigError, KeyInfo, UnknownKeyError, build, config_keys, key_paths, require
@@ -54,6 +54,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)  # devices, nodes, precision
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # wandb (metrics.csv and PNGs are always written)
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)  # where the LPIPS trunk comes from
+    foundation: FoundationConfig = field(default_factory=FoundationConfig)  # the DINOv2 of the alignment losses
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)  # protocol metrics during training
     phases: Phases = field(default_factory=Phases)  # the three phases of the recipe
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "dcae_train"
-OPTIONAL_HEAVY = ("wandb", "matplotlib")  # imported where they are used, so the rest never pays for them
+OPTIONAL_HEAVY = ("wandb", "matplotlib", "timm")  # imported where they are used, so the rest never pays for them
 TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".sh", ".cfg", ".txt"}
 SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "runs", "outputs", "build", "dist",
              "dcae_train.egg-info"}  # fmt: skip
@@ -133,6 +133,9 @@ UPSTREAM_FILES = {
     "scripts/convert_dcae_to_diffusers.py": "huggingface/diffusers",
     "convert_dcae_to_diffusers.py": "huggingface/diffusers",
     "train_autoencoderkl.py": "huggingface/diffusers",
+    "f16d32_vfdinov2.yaml": "hustvl/LightningDiT",
+    "foundation_models.py": "hustvl/LightningDiT",
+    "vavae/ldm/modules/losses/contperceptual.py": "hustvl/LightningDiT",
 }
 
 

@@ -2,9 +2,11 @@
 
     generator:     L = l1 * |x_hat - x| + l2 * (x_hat - x)^2 + lpips * LPIPS(x_hat, x)          (= L_rec)
                        + gan * lambda * L_G(D(x_hat))                   from step gan_start on (phase 3)
+                       + vf.weight * lambda_vf * L_VF(P z, DINOv2(x))   vf.weight > 0 (dcae_train/losses/alignment.py)
     discriminator: L_D(D(x), D(sg(x_hat)))                              from step disc_start on
 
-lambda is the adaptive weight ||grad L_rec|| / ||grad L_G|| at the decoder's last layer (taming/LDM), or 1.
+lambda is the adaptive weight ||grad L_rec|| / ||grad L_G|| at the decoder's last layer (taming/LDM), or 1;
+lambda_vf the same ratio for L_VF at the encoder's last layer (VA-VAE), or 1.
 Two start steps, because the peers that switch D and G on together see reconstructions degrade while D is still
 random (taming #20, #44; docs/recipe.md, "Lessons from other trainers"): D can warm up first. Before `gan_start`
 the adversarial term is not just zero-weighted: D is not run for the generator at all. `step` is the caller's batch
@@ -16,21 +18,33 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dcae_train.losses.config import LossConfig, PerceptualConfig
+from dcae_train.losses.alignment import VFLoss
+from dcae_train.losses.config import FoundationConfig, LossConfig, PerceptualConfig
 from dcae_train.losses.discriminator import NLayerDiscriminator
+from dcae_train.losses.foundation import FoundationModel
 from dcae_train.losses.gan import adaptive_weight, d_loss_fn, g_loss_fn
 from dcae_train.losses.perceptual import LPIPS
 from dcae_train.losses.reconstruction import l1_loss, l2_loss
 
 
 class AutoencoderLoss(nn.Module):
-    """Generator and discriminator losses of one phase. Only the discriminator's parameters are trainable."""
+    """Generator and discriminator losses of one phase. Trainable: the discriminator (its own optimizer) and the
+    VF projector (`generator_parameters()`, trained with the autoencoder); LPIPS and the foundation model are frozen."""
 
     def __init__(
-        self, config: LossConfig, perceptual: PerceptualConfig | None = None, *, lpips_pretrained: bool = True
+        self,
+        config: LossConfig,
+        perceptual: PerceptualConfig | None = None,
+        *,
+        lpips_pretrained: bool = True,
+        foundation: FoundationConfig | None = None,
+        latent_channels: int | None = None,
+        foundation_pretrained: bool = True,
     ) -> None:
         """`perceptual`: where the LPIPS trunk comes from (default: required, downloaded when missing);
-        `lpips_pretrained=False`: a random trunk that never touches the cache or the network (tests)."""
+        `lpips_pretrained=False`: a random trunk that never touches the cache or the network (tests).
+        `foundation`, `latent_channels`: the DINOv2 and the latent width of the VF loss (needed when vf.weight > 0);
+        `foundation_pretrained=False`: random foundation weights that never touch the cache (tests)."""
         super().__init__()
         self.config = config
         self.perceptual: LPIPS | None = None
@@ -46,8 +60,26 @@ class AutoencoderLoss(nn.Module):
         if config.gan > 0:
             d = config.disc
             self.discriminator = NLayerDiscriminator(3, width=d.width, n_layers=d.layers, norm=d.norm)
+        self.foundation: FoundationModel | None = None
+        self.vf: VFLoss | None = None
+        if config.vf.enabled:
+            if latent_channels is None:
+                raise ValueError(
+                    "AutoencoderLoss: loss.vf.weight > 0 needs latent_channels= (the model's latent width)"
+                )
+            fcfg = foundation or FoundationConfig()
+            self.foundation = FoundationModel.from_config(fcfg, pretrained=foundation_pretrained)
+            self.vf = VFLoss(config.vf, latent_channels, self.foundation.dim)
         self._d_loss = d_loss_fn(config.gan_loss)
         self._g_loss = g_loss_fn(config.gan_loss)
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        """Loss parameters trained with the autoencoder (by its optimizer): the VF projector."""
+        return list(self.vf.parameters()) if self.vf is not None else []
+
+    def foundation_features(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor | None:
+        """The frozen foundation features of `x` on the latent grid (B, D, h, w), or None without a VF loss."""
+        return self.foundation(x, grid) if self.foundation is not None else None
 
     def gan_active(self, step: int) -> bool:
         """Whether the generator gets the adversarial term at `step`."""
@@ -75,14 +107,23 @@ class AutoencoderLoss(nn.Module):
         *,
         step: int,
         last_layer: torch.Tensor | None = None,
+        z: torch.Tensor | None = None,
+        encoder_last_layer: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The autoencoder's loss at `step` (0-dim fp32) and detached logs.
 
         `last_layer`: the weight of the decoder's last trainable layer, needed for the adaptive weight once the
         adversarial term is on. The caller must keep D's parameters out of this backward (Lightning's
         `toggled_optimizer` does) or zero D's gradients before the discriminator step.
+        With a VF loss: `z`, the latent x_hat was decoded from; `encoder_last_layer`, the weight of the encoder's
+        last conv (the adaptive VF weight); `features`, the foundation features of x if already computed.
         """
         loss, logs = self.reconstruction_loss(x, x_hat)
+        vf_term = None
+        if self.vf is not None:  # before the GAN term: its adaptive path frees L_rec's graph
+            vf_term, vf_logs = self._vf_term(x, z, loss, encoder_last_layer, features)
+            logs.update(vf_logs)
         if self.gan_active(step):
             assert self.discriminator is not None
             g_loss = self._g_loss(self.discriminator(x_hat))  # D's parameters are frozen by the caller here
@@ -92,8 +133,30 @@ class AutoencoderLoss(nn.Module):
                 lam = self._adaptive_weight(loss, g_loss, last_layer)
                 loss = loss + self.config.gan * lam * g_loss
             logs.update(loss_gan=g_loss.detach(), adaptive_weight=lam, gan_weight=self.config.gan * lam)
+        if vf_term is not None:
+            loss = loss + vf_term
         logs["loss_total"] = loss.detach()
         return loss, logs
+
+    def _vf_term(self, x, z, rec, encoder_last_layer, features) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """vf.weight * lambda_vf * L_VF and its logs; lambda_vf compares gradients at the encoder's last layer."""
+        assert self.vf is not None
+        if z is None:
+            raise ValueError("loss.vf.weight > 0: generator_loss needs z= (the latent the reconstruction came from)")
+        feats = features if features is not None else self.foundation_features(x, tuple(z.shape[-2:]))
+        vf, logs = self.vf(z, feats)
+        cfg = self.config.vf
+        if cfg.adaptive_weight and z.requires_grad and torch.is_grad_enabled():
+            if encoder_last_layer is None:
+                raise ValueError(
+                    "loss.vf.adaptive_weight=true needs encoder_last_layer= (the weight of the encoder's last conv); "
+                    "pass it to generator_loss or set loss.vf.adaptive_weight=false"
+                )
+            lam = adaptive_weight(rec, vf, encoder_last_layer, cfg.max_adaptive_weight)
+        else:
+            lam = torch.ones((), device=vf.device)
+        logs["vf_weight"] = cfg.weight * lam
+        return cfg.weight * lam * vf, logs
 
     def _adaptive_total(self, rec, g_loss, x_hat, last_layer):
         """rec + gan * lambda * g_loss with LPIPS and D backpropagated once each, not twice.

@@ -1,5 +1,6 @@
-"""Typed configs of the losses: `LossConfig` (a phase's `phases.pN.loss`), `DiscConfig` (its `disc`) and
-`PerceptualConfig` (the run's `perceptual`: where the LPIPS trunk comes from). Torch-free.
+"""Typed configs of the losses: `LossConfig` (a phase's `phases.pN.loss`), `DiscConfig` (its `disc`), `VFConfig`
+(its `vf`: the VA-VAE alignment of the latent), `PerceptualConfig` (the run's `perceptual`: where the LPIPS trunk
+comes from) and `FoundationConfig` (the run's `foundation`: which DINOv2 and where its weights are). Torch-free.
 
 The class defaults are those of phases 1 and 2 of the DC-AE recipe (L1 + LPIPS, no GAN); phase 3's GAN values
 are the defaults of `phases.p3` in `dcae_train/training/config.py`. Sources: docs/recipe.md.
@@ -15,6 +16,8 @@ from dcae_train.schema import ConfigError, check_at_least, check_choice, require
 LPIPS_NETS = ("vgg", "alex")  # LPIPS trunks: VGG16 (LDM's training loss) and AlexNet (the evaluation LPIPS)
 GAN_LOSSES = ("hinge", "non_saturating")
 DISC_NORMS = ("batch", "group", "none")
+# DINOv2 ViT-S/B/L with patch 14, with (-reg: 4 register tokens, Darcet et al. 2024) or without registers
+FOUNDATION_MODELS = tuple(f"dinov2-vit{s}14{r}" for s in "sbl" for r in ("", "-reg"))
 
 
 @dataclass
@@ -26,6 +29,36 @@ class DiscConfig:
     def __post_init__(self) -> None:
         check_at_least(self, ("layers", "width"), 1)
         check_choice("norm", self.norm, DISC_NORMS)
+
+
+@dataclass
+class VFConfig:
+    """VA-VAE's vision-foundation alignment (Yao et al. 2025, LightningDiT `vavae`): a 1x1 projection of the latent
+    is pulled towards the frozen foundation features of the image at the same grid positions:
+        L_VF = distmat_weight * mean relu(|cos(z_i, z_j) - cos(f_i, f_j)| - distmat_margin)   (all position pairs)
+             + cos_weight * mean relu(1 - cos_margin - cos(z_i, f_i))                        (each position)
+    added to the generator loss as weight * lambda_vf * L_VF, lambda_vf = ||grad L_rec|| / ||grad L_VF|| at the
+    encoder's last layer (adaptive) or 1."""
+
+    weight: float = 0.0  # VF loss weight; 0 = off; VA-VAE vf_weight 0.1 (LightningDiT f16d32_vfdinov2.yaml)
+    cos_margin: float = 0.5  # m1: positions within cos >= 1 - m1 of their feature cost nothing (VA-VAE)
+    distmat_margin: float = 0.25  # m2: similarity differences below it cost nothing (VA-VAE)
+    cos_weight: float = 1.0  # weight of the per-position cosine term (VA-VAE)
+    distmat_weight: float = 1.0  # weight of the distance-matrix term (VA-VAE)
+    adaptive_weight: bool = True  # scale by |grad L_rec| / |grad L_VF| at the encoder's last layer (VA-VAE adaptive_vf)
+    max_adaptive_weight: float = 1e8  # clamp of that ratio (VA-VAE)
+
+    def __post_init__(self) -> None:
+        for name in ("weight", "cos_margin", "distmat_margin", "cos_weight", "distmat_weight"):
+            value = getattr(self, name)
+            require(math.isfinite(value) and value >= 0, name, value, "must be a finite number >= 0")
+        require(self.max_adaptive_weight > 0, "max_adaptive_weight", self.max_adaptive_weight, "must be > 0", 1e8)
+        if self.weight > 0 and self.cos_weight == self.distmat_weight == 0:
+            raise ConfigError("cos_weight", 0.0, "and {p}distmat_weight are both 0 with {p}weight > 0", 1.0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0
 
 
 @dataclass
@@ -42,6 +75,7 @@ class LossConfig:
     adaptive_weight: bool = True  # scale the GAN term by |grad L_rec| / |grad L_G| at the decoder's last layer
     max_adaptive_weight: float = 1e4  # clamp of the adaptive weight (LDM)
     disc: DiscConfig = field(default_factory=DiscConfig)  # the PatchGAN discriminator
+    vf: VFConfig = field(default_factory=VFConfig)  # VA-VAE alignment of the latent with DINOv2 (weight 0 = off)
     disc_start: int = 0  # first step on which the discriminator trains
     gan_start: int = 0  # first step on which the generator sees the adversarial term (>= disc_start)
 
@@ -77,3 +111,29 @@ class PerceptualConfig:
     # to a random trunk (loudly, and recorded as lpips_pretrained in run.json and the checkpoints).
     require_pretrained: bool = True
     allow_download: bool = True  # fetch a missing trunk file from download.pytorch.org (SHA-256 checked)
+
+
+@dataclass
+class FoundationConfig:
+    """The frozen vision foundation model the alignment losses compare with (built by timm, weights from a local
+    file or cache through `dcae_train.pretrained`; never downloaded)."""
+
+    model: str = "dinov2-vitl14"  # dinov2-vit{s,b,l}14[-reg]; VA-VAE aligns with DINOv2 ViT-L/14 (no registers)
+    path: str | None = None  # the weights file (Meta's .pth or timm's .safetensors); null = torch hub / HF cache
+    sha256: str | None = None  # pin the file's SHA-256 (full or >= 8 hex digits); null = none published [ours]
+    layer: int = -1  # the block whose tokens are the features; -1 = the last (VA-VAE, after the final norm)
+    # null: the image is resized so the token grid is the latent grid (VA-VAE); N: resized to N px and the tokens
+    # average-pooled to the latent grid [ours] (at f32, 256 px makes an 8x8 grid: DINOv2 would see only 112 px)
+    input_size: int | None = None
+    # Real recipes need the pretrained weights and stop before training without them; the quickstart and the
+    # smoke runs may fall back to random weights (loudly, recorded as foundation_pretrained in run.json).
+    require_pretrained: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("model", self.model, FOUNDATION_MODELS)
+        pin = self.sha256
+        ok = pin is None or (len(pin) >= 8 and all(c in "0123456789abcdefABCDEF" for c in pin))
+        require(ok, "sha256", pin, "must be hex digits (at least the first 8 of the file's SHA-256) or null")
+        require(
+            self.input_size is None or self.input_size >= 14, "input_size", self.input_size, "must be >= 14 or null"
+        )

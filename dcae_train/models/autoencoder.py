@@ -84,6 +84,11 @@ class DCAE(nn.Module):
         """The weight of the decoder's last trainable conv: where the adaptive GAN weight compares gradients."""
         return self.decoder.last_trainable_weight()
 
+    def encoder_last_layer(self) -> torch.Tensor:
+        """The weight of the encoder's output conv (the latent's last layer): where the adaptive VF weight compares
+        gradients (VA-VAE: `encoder.conv_out.weight`)."""
+        return self.encoder.conv_out.weight
+
     def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:
         """The latent a diffusion model sees: encode(x) * scaling_factor."""
         return self.encode(x) * self.scaling_factor

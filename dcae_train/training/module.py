@@ -52,7 +52,7 @@ class AutoencoderModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        # LPIPS weights are not saved in our checkpoints (they come from the lpips package).
+        # LPIPS and foundation weights are not saved in our checkpoints (they come from their weight files).
         self.strict_loading = False
         self.model = model
         self.loss = loss
@@ -63,6 +63,12 @@ class AutoencoderModule(L.LightningModule):
 
         self.trainable_names = select_trainable(model, phase.trainable, key=f"phases.p{meta.phase}.trainable")
         freeze_all_but(model, self.trainable_names)
+        if loss.vf is not None and not model.encoder_last_layer().requires_grad:
+            raise ValueError(
+                f"phases.p{meta.phase}.loss.vf.weight={phase.loss.vf.weight}: the VF loss shapes the latent, but the "
+                "encoder's last layer (encoder.conv_out) does not train in this phase; add it to "
+                f"phases.p{meta.phase}.trainable or set phases.p{meta.phase}.loss.vf.weight=0"
+            )
         self.ema_helper = EMA(phase.ema.decay, phase.ema.warmup_steps) if phase.ema.enabled else None
         self.ema = EMA.make_copy(model) if self.ema_helper else None
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps, flush_every=min(phase.log_every, max_nonfinite_steps))
@@ -79,7 +85,8 @@ class AutoencoderModule(L.LightningModule):
 
     # Optimizers -------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        pairs = [_optimizer_and_schedule(self.model.parameters(), self.phase.optimizer, self.phase.max_steps)]
+        generator = [*self.model.parameters(), *self.loss.generator_parameters()]  # + the VF projector
+        pairs = [_optimizer_and_schedule(generator, self.phase.optimizer, self.phase.max_steps)]
         if self.loss.discriminator is not None:
             disc = self.loss.discriminator.parameters()
             pairs.append(_optimizer_and_schedule(disc, self.phase.disc_optimizer, self.phase.max_steps))
@@ -94,7 +101,7 @@ class AutoencoderModule(L.LightningModule):
         prefixes = sample_prefixes(self.phase.latent_prefixes, seed=self.seed, step=step, rank=self.global_rank)
         with self.toggled_optimizer(opts[0]):
             zs, x_hats = self.model.reconstruct(x, prefixes)
-            loss, logs = self._generator_loss(x, x_hats, step)
+            loss, logs = self._generator_loss(x, zs, x_hats, step)
             if self.inject_nan_loss:
                 loss, self.inject_nan_loss = loss * float("nan"), False
             grad_norm = self._guarded_step(opts[0], loss, self.phase.optimizer, opts[0].step, step, logs)
@@ -113,12 +120,19 @@ class AutoencoderModule(L.LightningModule):
                 logs["latent_prefix_channels"] = torch.tensor(float(sum(prefixes)) / len(prefixes))
             self._log_train(logs, zs[-1], x, opts[0])
 
-    def _generator_loss(self, x, x_hats: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
+    def _generator_loss(self, x, zs: list, x_hats: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
         """The phase's generator loss, averaged over the reconstructions of the step's latent prefixes [ours]:
         DC-Gen's autoencoder loss is not published; the unweighted mean is what its diffusion trainer does over
         prefixes, and it gives every prefix the gradient scale of a whole phase."""
         last = self.model.last_trainable_layer() if self.loss.gan_active(step) else None
-        parts = [self.loss.generator_loss(x, x_hat, step=step, last_layer=last) for x_hat in x_hats]
+        vf = {}
+        if self.loss.vf is not None:  # the foundation features of x once, for every prefix
+            feats = self.loss.foundation_features(x, tuple(zs[0].shape[-2:]))
+            vf = {"encoder_last_layer": self.model.encoder_last_layer(), "features": feats}
+        parts = [
+            self.loss.generator_loss(x, x_hat, step=step, last_layer=last, z=z, **vf)
+            for z, x_hat in zip(zs, x_hats, strict=True)
+        ]
         if len(parts) == 1:
             return parts[0]
         loss = torch.stack([p[0] for p in parts]).mean()
@@ -209,9 +223,12 @@ class AutoencoderModule(L.LightningModule):
 
     # Checkpoint contents ----------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):
+        """Everything we train (autoencoder, EMA, discriminator, VF projector); not the frozen LPIPS and foundation
+        nets, which come from their weight files."""
         sd = super().state_dict(*args, **kwargs)
         prefix = kwargs.get("prefix", "")
-        for key in [k for k in sd if k.startswith(f"{prefix}loss.perceptual.")]:
+        frozen = (f"{prefix}loss.perceptual.", f"{prefix}loss.foundation.")
+        for key in [k for k in sd if k.startswith(frozen)]:
             del sd[key]
         return sd
 

@@ -59,10 +59,11 @@ def build_run(cfg_in: DictConfig | TrainConfig) -> Run:
     torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
 
     model = build_run_model(cfg, paths["init_from"] if not paths["resume"] else None)
-    loss = AutoencoderLoss(phase.loss, cfg.perceptual)
+    loss = AutoencoderLoss(phase.loss, cfg.perceptual, foundation=cfg.foundation, latent_channels=model.latent_channels)
     meta = CheckpointMeta(
         model.config.to_dict(), cfg.model.variant, float(model.scaling_factor), cfg.phase, cfg.recipe,
         parent=paths["init_from"], lpips_pretrained=loss.perceptual.pretrained if loss.perceptual else True,
+        foundation=_foundation_record(loss),
     )  # fmt: skip
     module = AutoencoderModule(
         model, loss, phase, meta=meta, max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
@@ -82,6 +83,14 @@ def build_run(cfg_in: DictConfig | TrainConfig) -> Run:
     if trainer.is_global_zero:
         save_run_config(cfg, run_dir, meta)
     return Run(cfg, phase, run_dir, trainer, module, datamodule, paths["resume"], preemption)
+
+
+def _foundation_record(loss: AutoencoderLoss) -> dict[str, Any] | None:
+    """What the run's alignment losses compared with: recorded in run.json and every checkpoint."""
+    f = loss.foundation
+    if f is None:
+        return None
+    return {"model": f.name, "pretrained": f.pretrained, "sha256": f.digest, "file": f.weights_file}
 
 
 def check_environment(cfg: TrainConfig) -> None:
