@@ -3,7 +3,10 @@
     generator:     L = l1 * |x_hat - x| + l2 * (x_hat - x)^2 + lpips * LPIPS(x_hat, x)          (= L_rec)
                        + gan * lambda * L_G(D(x_hat))                   from step gan_start on (phase 3)
                        + vf.weight * lambda_vf * L_VF(P z, DINOv2(x))   vf.weight > 0 (dcae_train/losses/alignment.py)
-    discriminator: L_D(D(x), D(sg(x_hat)))                              from step disc_start on
+    discriminator: L_D(D(T x), D(T sg(x_hat)))                          from step disc_start on
+                       + lecam * R_LC + r1 / 2 * R1 (every r1_every steps, x r1_every)  (regularizers.py)
+
+T is DiffAugment (`diffaug.policy`, the identity when empty), also applied to x_hat in the generator's term.
 
 lambda is the adaptive weight ||grad L_rec|| / ||grad L_G|| at the decoder's last layer (taming/LDM), or 1;
 lambda_vf the same ratio for L_VF at the encoder's last layer (VA-VAE), or 1.
@@ -19,12 +22,14 @@ import torch
 from torch import nn
 
 from dcae_train.losses.alignment import VFLoss
+from dcae_train.losses.augment import DiffAugment
 from dcae_train.losses.config import FoundationConfig, LossConfig, PerceptualConfig
 from dcae_train.losses.discriminator import NLayerDiscriminator
 from dcae_train.losses.foundation import FoundationModel
 from dcae_train.losses.gan import adaptive_weight, d_loss_fn, g_loss_fn
 from dcae_train.losses.perceptual import LPIPS
 from dcae_train.losses.reconstruction import l1_loss, l2_loss
+from dcae_train.losses.regularizers import LeCAM, r1_penalty
 
 
 class AutoencoderLoss(nn.Module):
@@ -70,6 +75,8 @@ class AutoencoderLoss(nn.Module):
             fcfg = foundation or FoundationConfig()
             self.foundation = FoundationModel.from_config(fcfg, pretrained=foundation_pretrained)
             self.vf = VFLoss(config.vf, latent_channels, self.foundation.dim)
+        self.augment = DiffAugment(config.diffaug) if config.diffaug.policy else None
+        self.lecam = LeCAM(config.lecam_decay) if config.gan > 0 and config.lecam > 0 else None
         self._d_loss = d_loss_fn(config.gan_loss)
         self._g_loss = g_loss_fn(config.gan_loss)
 
@@ -126,7 +133,8 @@ class AutoencoderLoss(nn.Module):
             logs.update(vf_logs)
         if self.gan_active(step):
             assert self.discriminator is not None
-            g_loss = self._g_loss(self.discriminator(x_hat))  # D's parameters are frozen by the caller here
+            fake = self.augment(x_hat) if self.augment is not None else x_hat
+            g_loss = self._g_loss(self.discriminator(fake))  # D's parameters are frozen by the caller here
             if self.config.adaptive_weight and x_hat.requires_grad and torch.is_grad_enabled():
                 loss, lam = self._adaptive_total(loss, g_loss, x_hat, last_layer)
             else:
@@ -206,11 +214,29 @@ class AutoencoderLoss(nn.Module):
         if not self.disc_active(step):
             return None, {}
         assert self.discriminator is not None
-        logits_real = self.discriminator(x.detach()).float()
-        logits_fake = self.discriminator(x_hat.detach()).float()
+        cfg = self.config
+        real, fake = self._augment_pair(x.detach(), x_hat.detach())
+        logits_real = self.discriminator(real).float()
+        logits_fake = self.discriminator(fake).float()
         loss = self._d_loss(logits_real, logits_fake)
         logs = {"loss_disc": loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
+        # D's accuracy: the share of patch logits on the right side of 0 (real > 0, fake < 0); near 1 = D wins outright
+        logs["disc_accuracy"] = 0.5 * ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean())
+        if self.lecam is not None:
+            logs["loss_lecam"] = self.lecam(logits_real, logits_fake)
+            loss = loss + cfg.lecam * logs["loss_lecam"]
+        if cfg.r1 > 0 and step % cfg.r1_every == 0:
+            logs["loss_r1"] = r1_penalty(self.discriminator, x)  # at the real images themselves [ours]
+            loss = loss + cfg.r1 / 2 * cfg.r1_every * logs["loss_r1"]
+        logs["loss_disc_total"] = loss
         return loss, {k: v.detach() for k, v in logs.items()}
+
+    def _augment_pair(self, x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.augment is None:
+            return x, x_hat
+        if self.config.diffaug.paired:
+            return self.augment.pair(x, x_hat)
+        return self.augment(x), self.augment(x_hat)
 
 
 def _grad_or_zeros(out, inp, *, grad_outputs=None, retain_graph: bool) -> torch.Tensor:

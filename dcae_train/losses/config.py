@@ -16,6 +16,7 @@ from dcae_train.schema import ConfigError, check_at_least, check_choice, require
 LPIPS_NETS = ("vgg", "alex")  # LPIPS trunks: VGG16 (LDM's training loss) and AlexNet (the evaluation LPIPS)
 GAN_LOSSES = ("hinge", "non_saturating")
 DISC_NORMS = ("batch", "group", "none")
+DIFFAUG_OPS = ("color", "translation", "cutout")  # DiffAugment's three transforms (Zhao et al. 2020)
 # DINOv2 ViT-S/B/L with patch 14, with (-reg: 4 register tokens, Darcet et al. 2024) or without registers
 FOUNDATION_MODELS = tuple(f"dinov2-vit{s}14{r}" for s in "sbl" for r in ("", "-reg"))
 
@@ -29,6 +30,23 @@ class DiscConfig:
     def __post_init__(self) -> None:
         check_at_least(self, ("layers", "width"), 1)
         check_choice("norm", self.norm, DISC_NORMS)
+
+
+@dataclass
+class DiffAugConfig:
+    """DiffAugment on every image the discriminator sees (real and fake, D's and G's step); [] = off."""
+
+    policy: list[str] = field(default_factory=list)  # subset of color, translation, cutout; the paper uses all three
+    paired: bool = False  # a real image and its reconstruction get the same transform [ours]; the paper: independent
+    translation: float = 0.125  # largest shift as a fraction of the side (DiffAugment: 1/8)
+    cutout: float = 0.5  # side of the cut-out square as a fraction of the image side (DiffAugment: 1/2)
+
+    def __post_init__(self) -> None:
+        bad = [op for op in self.policy if op not in DIFFAUG_OPS]
+        require(not bad, "policy", list(self.policy), f"use a subset of {', '.join(DIFFAUG_OPS)}", list(DIFFAUG_OPS))
+        for name in ("translation", "cutout"):
+            value = getattr(self, name)
+            require(0 <= value < 1, name, value, "must be a fraction in [0, 1)", 0.125)
 
 
 @dataclass
@@ -76,11 +94,16 @@ class LossConfig:
     max_adaptive_weight: float = 1e4  # clamp of the adaptive weight (LDM)
     disc: DiscConfig = field(default_factory=DiscConfig)  # the PatchGAN discriminator
     vf: VFConfig = field(default_factory=VFConfig)  # VA-VAE alignment of the latent with DINOv2 (weight 0 = off)
+    diffaug: DiffAugConfig = field(default_factory=DiffAugConfig)  # DiffAugment of D's inputs (policy [] = off)
+    lecam: float = 0.0  # LeCAM regularisation weight on D (Tseng et al. 2021); 0 = off
+    lecam_decay: float = 0.99  # decay of LeCAM's EMAs of D's real and fake outputs (LeCAM's code)
+    r1: float = 0.0  # R1 gradient penalty gamma on real images (Mescheder et al. 2018); 0 = off
+    r1_every: int = 16  # lazy R1: every N discriminator steps, scaled by N (StyleGAN2's interval)
     disc_start: int = 0  # first step on which the discriminator trains
     gan_start: int = 0  # first step on which the generator sees the adversarial term (>= disc_start)
 
     def __post_init__(self) -> None:
-        for name in ("l1", "l2", "lpips", "gan", "max_adaptive_weight"):
+        for name in ("l1", "l2", "lpips", "gan", "max_adaptive_weight", "lecam", "r1"):
             value = getattr(self, name)
             require(math.isfinite(value) and value >= 0, name, value, "must be a finite number >= 0")
         if self.l1 == self.l2 == self.lpips == 0:
@@ -94,6 +117,8 @@ class LossConfig:
         check_choice("lpips_net", self.lpips_net, LPIPS_NETS)
         check_choice("gan_loss", self.gan_loss, GAN_LOSSES)
         check_at_least(self, ("disc_start", "gan_start"), 0)
+        check_at_least(self, ("r1_every",), 1)
+        require(0 <= self.lecam_decay < 1, "lecam_decay", self.lecam_decay, "must be in [0, 1)", 0.99)
         if self.gan_start < self.disc_start:
             raise ConfigError(
                 "gan_start",
