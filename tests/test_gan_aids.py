@@ -109,3 +109,64 @@ def test_generator_term_sees_augmented_fakes():
     assert first["loss_gan"] != second["loss_gan"]  # D saw a new draw of the same fakes
     total.backward()
     assert x_hat.grad is not None and x_hat.grad.abs().sum() > 0  # gradients pass through the augmentation
+
+
+# GAN health and the collapse guard ---------------------------------------------------------------------
+def test_collapse_guard_trips_after_n_steps_in_a_row_and_restarts():
+    from dcae_train.losses.config import CollapseGuardConfig
+    from dcae_train.training.gan_health import CollapseGuard
+
+    guard = CollapseGuard(CollapseGuardConfig(steps=3, accuracy=0.9))
+    trips = [guard.update(a) for a in (0.95, 0.99, 0.5, 0.95, 0.96, 0.97, 0.99)]
+    assert trips == [False, False, False, False, False, True, False]
+    assert int(guard.trips) == 1 and int(guard.streak) == 1
+    assert {"streak", "trips"} <= set(guard.state_dict())  # saved with the checkpoint
+
+
+def test_reset_discriminator_is_seeded_and_rewarms():
+    cfg = LossConfig(lpips=0.0, gan=0.1, disc=DiscConfig(layers=2, width=8), disc_start=0, gan_start=5, lecam=0.1)
+    a, b = AutoencoderLoss(cfg), AutoencoderLoss(cfg)
+    before = [p.clone() for p in a.discriminator.parameters()]
+    a.lecam.ema_real.fill_(3.0)
+    a.reset_discriminator(step=100)
+    b.reset_discriminator(step=100)
+    after = list(a.discriminator.parameters())
+    assert all(
+        torch.equal(p, q) for p, q in zip(after, b.discriminator.parameters(), strict=True)
+    )  # same on every rank
+    assert not all(torch.equal(p, q) for p, q in zip(after, before, strict=True))
+    assert a.lecam.ema_real.item() == 0.0
+    assert not a.gan_active(104) and a.gan_active(106)  # D warms up for gan_start - disc_start steps again
+
+
+def test_health_logs_include_head_gradient_norms():
+    cfg = LossConfig(lpips=0.0, gan=0.1, disc=DiscConfig(layers=2, width=8))
+    loss, head, x = AutoencoderLoss(cfg), nn.Conv2d(3, 3, 3, padding=1), images(2, 32)
+    _, logs = loss.generator_loss(x, head(x), step=0, last_layer=head.weight)
+    assert logs["grad_norm_rec_last"] > 0 and logs["grad_norm_gan_last"] > 0
+    lam = logs["grad_norm_rec_last"] / (logs["grad_norm_gan_last"] + 1e-4)
+    assert torch.allclose(logs["adaptive_weight"], lam)
+
+
+@pytest.mark.parametrize("action", [pytest.param("stop", marks=pytest.mark.slow), "reset"])
+def test_collapse_guard_in_a_phase3_run(tmp_path, action):
+    """A guard that sees a winning D on every step: stop ends the run after one step; reset re-initialises D, logs
+    the trips and keeps its state in the checkpoint."""
+    from dcae_train.config import compose
+    from dcae_train.training.run import build_run
+
+    cfg = compose([
+        f"runs_dir={tmp_path / 'runs'}", "debug=smoke", "data=demo", "data.num_workers=0", "phase=3",
+        "init_from=tiny", "phases.p3.max_steps=3", "phases.p3.loss.gan_start=0", "phases.p3.loss.lpips_net=alex",
+        "phases.p3.loss.collapse.steps=1", f"phases.p3.loss.collapse.action={action}",
+    ])  # fmt: skip
+    run = build_run(cfg)
+    guard = run.module.collapse
+    guard.update = lambda accuracy: bool(guard.trips.add_(1))  # stands in for a D that wins every step
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    ckpt = torch.load(run.run_dir / "checkpoints" / "final.ckpt", weights_only=True, map_location="cpu")
+    if action == "stop":
+        assert ckpt["global_step"] == 1
+        return
+    assert ckpt["global_step"] == 3 and int(ckpt["state_dict"]["collapse.trips"]) == 3
+    assert int(ckpt["state_dict"]["loss.gan_pause_until"]) == 3  # reset at step 2: G sees D again from step 3

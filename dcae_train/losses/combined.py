@@ -75,6 +75,8 @@ class AutoencoderLoss(nn.Module):
             fcfg = foundation or FoundationConfig()
             self.foundation = FoundationModel.from_config(fcfg, pretrained=foundation_pretrained)
             self.vf = VFLoss(config.vf, latent_channels, self.foundation.dim)
+        if self.discriminator is not None:  # the step before which G does not see D (the collapse guard moves it)
+            self.register_buffer("gan_pause_until", torch.zeros((), dtype=torch.long))
         self.augment = DiffAugment(config.diffaug) if config.diffaug.policy else None
         self.lecam = LeCAM(config.lecam_decay) if config.gan > 0 and config.lecam > 0 else None
         self._d_loss = d_loss_fn(config.gan_loss)
@@ -89,8 +91,21 @@ class AutoencoderLoss(nn.Module):
         return self.foundation(x, grid) if self.foundation is not None else None
 
     def gan_active(self, step: int) -> bool:
-        """Whether the generator gets the adversarial term at `step`."""
-        return self.discriminator is not None and step >= self.config.gan_start
+        """Whether the generator gets the adversarial term at `step` (after gan_start, and after the re-warm-up of
+        a discriminator the collapse guard reset)."""
+        if self.discriminator is None:
+            return False
+        return step >= self.config.gan_start and step >= int(self.gan_pause_until)
+
+    def reset_discriminator(self, step: int) -> None:
+        """Start the adversarial game over (the collapse guard's `reset`): a freshly initialised D (and LeCAM EMAs)
+        that warms up for gan_start - disc_start steps before G sees it again."""
+        assert self.discriminator is not None
+        self.discriminator.reset_parameters(seed=step)  # the same fresh D on every rank
+        if self.lecam is not None:
+            self.lecam.ema_real.zero_()
+            self.lecam.ema_fake.zero_()
+        self.gan_pause_until.fill_(step + 1 + self.config.gan_start - self.config.disc_start)
 
     def disc_active(self, step: int) -> bool:
         """Whether the discriminator trains at `step`."""
@@ -137,6 +152,7 @@ class AutoencoderLoss(nn.Module):
             g_loss = self._g_loss(self.discriminator(fake))  # D's parameters are frozen by the caller here
             if self.config.adaptive_weight and x_hat.requires_grad and torch.is_grad_enabled():
                 loss, lam = self._adaptive_total(loss, g_loss, x_hat, last_layer)
+                logs.update(self._last_norms)  # GAN health: G's adversarial vs reconstruction gradient at the head
             else:
                 lam = self._adaptive_weight(loss, g_loss, last_layer)
                 loss = loss + self.config.gan * lam * g_loss
@@ -183,10 +199,9 @@ class AutoencoderLoss(nn.Module):
         w_rec = _grad_or_zeros(x_hat, last_layer, grad_outputs=g_rec, retain_graph=True)
         w_gan = _grad_or_zeros(x_hat, last_layer, grad_outputs=g_gan, retain_graph=True)
         norm = torch.linalg.vector_norm
-        lam = (norm(w_rec, dtype=torch.float32) / (norm(w_gan, dtype=torch.float32) + 1e-4)).clamp(
-            0.0, self.config.max_adaptive_weight
-        )
-        lam = lam.detach()
+        n_rec, n_gan = norm(w_rec, dtype=torch.float32), norm(w_gan, dtype=torch.float32)
+        lam = (n_rec / (n_gan + 1e-4)).clamp(0.0, self.config.max_adaptive_weight).detach()
+        self._last_norms = {"grad_norm_rec_last": n_rec.detach(), "grad_norm_gan_last": n_gan.detach()}
         coef = self.config.gan * lam
         surrogate = (x_hat * (g_rec + coef.to(g_gan.dtype) * g_gan).to(x_hat.dtype)).float().sum()
         value = (rec.detach() + coef * g_loss.detach()).float()

@@ -16,6 +16,7 @@ from dcae_train.schema import ConfigError, check_at_least, check_choice, require
 LPIPS_NETS = ("vgg", "alex")  # LPIPS trunks: VGG16 (LDM's training loss) and AlexNet (the evaluation LPIPS)
 GAN_LOSSES = ("hinge", "non_saturating")
 DISC_NORMS = ("batch", "group", "none")
+COLLAPSE_ACTIONS = ("reset", "stop")
 DIFFAUG_OPS = ("color", "translation", "cutout")  # DiffAugment's three transforms (Zhao et al. 2020)
 # DINOv2 ViT-S/B/L with patch 14, with (-reg: 4 register tokens, Darcet et al. 2024) or without registers
 FOUNDATION_MODELS = tuple(f"dinov2-vit{s}14{r}" for s in "sbl" for r in ("", "-reg"))
@@ -30,6 +31,21 @@ class DiscConfig:
     def __post_init__(self) -> None:
         check_at_least(self, ("layers", "width"), 1)
         check_choice("norm", self.norm, DISC_NORMS)
+
+
+@dataclass
+class CollapseGuardConfig:
+    """Act when the discriminator wins outright: D accuracy (the share of patch logits on the right side of 0) above
+    `accuracy` for `steps` discriminator steps in a row. Each D step then reads the accuracy on the host (a sync)."""
+
+    steps: int = 0  # consecutive D steps above `accuracy` that count as a collapse; 0 = off [ours]
+    accuracy: float = 0.98  # [ours] a D that is right about 98% of patches gives G almost no useful gradient
+    action: str = "reset"  # reset: a fresh D that warms up again (gan_start - disc_start steps) | stop: end the run
+
+    def __post_init__(self) -> None:
+        check_at_least(self, ("steps",), 0)
+        require(0.5 < self.accuracy <= 1, "accuracy", self.accuracy, "must be in (0.5, 1] (0.5 is chance)", 0.98)
+        check_choice("action", self.action, COLLAPSE_ACTIONS)
 
 
 @dataclass
@@ -99,6 +115,7 @@ class LossConfig:
     lecam_decay: float = 0.99  # decay of LeCAM's EMAs of D's real and fake outputs (LeCAM's code)
     r1: float = 0.0  # R1 gradient penalty gamma on real images (Mescheder et al. 2018); 0 = off
     r1_every: int = 16  # lazy R1: every N discriminator steps, scaled by N (StyleGAN2's interval)
+    collapse: CollapseGuardConfig = field(default_factory=CollapseGuardConfig)  # collapse guard (steps 0 = off)
     disc_start: int = 0  # first step on which the discriminator trains
     gan_start: int = 0  # first step on which the generator sees the adversarial term (>= disc_start)
 

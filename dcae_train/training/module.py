@@ -29,6 +29,7 @@ from dcae_train.training.checkpoint import rng_state, set_rng_state
 from dcae_train.training.config import OptimizerConfig, PhaseConfig
 from dcae_train.training.datamodule import ImageDataModule
 from dcae_train.training.ema import EMA
+from dcae_train.training.gan_health import CollapseGuard
 from dcae_train.training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from dcae_train.training.optim import build_adamw, build_schedule, clip_grad_norm, is_fused
 from dcae_train.training.phases import freeze_all_but, select_trainable, set_frozen_norms_eval
@@ -69,6 +70,8 @@ class AutoencoderModule(L.LightningModule):
                 "encoder's last layer (encoder.conv_out) does not train in this phase; add it to "
                 f"phases.p{meta.phase}.trainable or set phases.p{meta.phase}.loss.vf.weight=0"
             )
+        guard = phase.loss.collapse
+        self.collapse = CollapseGuard(guard) if loss.discriminator is not None and guard.steps > 0 else None
         self.ema_helper = EMA(phase.ema.decay, phase.ema.warmup_steps) if phase.ema.enabled else None
         self.ema = EMA.make_copy(model) if self.ema_helper else None
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps, flush_every=min(phase.log_every, max_nonfinite_steps))
@@ -147,7 +150,27 @@ class AutoencoderModule(L.LightningModule):
             # The raw optimizer's step: Lightning would count this one in global_step (see the module docstring).
             d_norm = self._guarded_step(opt_d, d_loss, self.phase.disc_optimizer, opt_d.optimizer.step, step)
         sched_d.step()
+        if self.collapse is not None:
+            acc = d_logs["disc_accuracy"]
+            if self.trainer.world_size > 1:  # every rank must take the same decision
+                acc = self.trainer.strategy.reduce(acc, reduce_op="mean")
+            if self.collapse.update(acc):
+                self._on_collapse(opt_d, step)
+            d_logs["collapse_trips"] = self.collapse.trips.float()
         return {**d_logs, "grad_norm_disc": d_norm.detach()} if d_norm is not None else d_logs
+
+    def _on_collapse(self, opt_d, step: int) -> None:
+        """The collapse guard tripped: end the run, or start the adversarial game over with a fresh D."""
+        cfg = self.phase.loss.collapse
+        what = f"collapse guard: D accuracy above {cfg.accuracy} for {cfg.steps} steps in a row at step {step}"
+        if cfg.action == "stop":
+            self.trainer.should_stop = True  # the final checkpoint is still written
+            self.print(f"warning: {what}; stopping the run (loss.collapse.action=stop)")
+            return
+        self.loss.reset_discriminator(step)
+        opt_d.optimizer.state.clear()  # the old D's Adam moments would push the fresh one
+        resume = int(self.loss.gan_pause_until)
+        self.print(f"warning: {what}; discriminator reset, the generator sees it again from step {resume}")
 
     def _guarded_step(
         self, opt, loss: torch.Tensor, cfg: OptimizerConfig, step_fn: Callable[[], Any], step: int, logs=None
