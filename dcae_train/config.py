@@ -44,6 +44,7 @@ class TrainConfig:
     phase: int = 1  # 1 | 2 | 3: which of the recipe's phases.p<N> runs
     seed: int = 0  # seeds weights, data order and augmentation
     init_from: str | None = None  # weights only: checkpoint | diffusers dir | original .safetensors | HF id | auto
+    init_discriminator: str | None = None  # phase 3: start D from an exported discriminator (folder/.safetensors/.ckpt)
     init_ema: bool = True  # take the EMA weights of a parent checkpoint when it has them
     resume: str | None = None  # auto | path to a checkpoint of this recipe and phase (full state, same run)
     runs_dir: str = "runs"  # runs go to <runs_dir>/<recipe>/phase<N>/<time>
@@ -66,6 +67,9 @@ class TrainConfig:
                 self.resume,
                 "continues a run (full state); init_from= starts a new one from weights: give one",
             )
+        if self.init_discriminator and (self.resume or self.phase_config.loss.gan <= 0):
+            why = "resume= restores the discriminator itself" if self.resume else "this phase has no GAN (loss.gan=0)"
+            raise ConfigError("init_discriminator", self.init_discriminator, f"not with {why}")
         self._check_phase()
 
     def _check_phase(self) -> None:

@@ -6,6 +6,7 @@ build or a data scan), then the environment, the run folder, then model -> loss 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from dcae_train.training.module import AutoencoderModule
 from dcae_train.training.tracking import build_wandb_logger
 from dcae_train.weights import load_model
 from dcae_train.weights.checkpoint import CheckpointMeta
+from dcae_train.weights.discriminator import check_architecture, read_discriminator
 
 ENV_RESOLVED = "DCAE_TRAIN_RESOLVED"  # set by rank 0 for processes Lightning relaunches (DDP children)
 
@@ -63,7 +65,7 @@ def build_run(cfg_in: DictConfig | TrainConfig) -> Run:
     meta = CheckpointMeta(
         model.config.to_dict(), cfg.model.variant, float(model.scaling_factor), cfg.phase, cfg.recipe,
         parent=paths["init_from"], lpips_pretrained=loss.perceptual.pretrained if loss.perceptual else True,
-        foundation=_foundation_record(loss),
+        foundation=_foundation_record(loss), discriminator=_init_discriminator(loss, phase, cfg.init_discriminator),
     )  # fmt: skip
     module = AutoencoderModule(
         model, loss, phase, meta=meta, max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
@@ -83,6 +85,22 @@ def build_run(cfg_in: DictConfig | TrainConfig) -> Run:
     if trainer.is_global_zero:
         save_run_config(cfg, run_dir, meta)
     return Run(cfg, phase, run_dir, trainer, module, datamodule, paths["resume"], preemption)
+
+
+def _init_discriminator(loss: AutoencoderLoss, phase: PhaseConfig, source: str | None) -> dict[str, Any] | None:
+    """The discriminator's architecture record; with `source` (init_discriminator=), its weights loaded from there
+    after checking the architecture matches (and LeCAM's EMAs when both sides have them)."""
+    if loss.discriminator is None:
+        return None
+    record = {"type": "patch", **dataclasses.asdict(phase.loss.disc), "init_from": source}
+    if source:
+        state, info = read_discriminator(source)
+        check_architecture(info, record, source)
+        loss.discriminator.load_state_dict(state, strict=True)
+        if loss.lecam is not None and info.get("lecam"):
+            loss.lecam.ema_real.fill_(info["lecam"]["ema_real"])
+            loss.lecam.ema_fake.fill_(info["lecam"]["ema_fake"])
+    return record
 
 
 def _foundation_record(loss: AutoencoderLoss) -> dict[str, Any] | None:
