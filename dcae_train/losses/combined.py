@@ -24,6 +24,7 @@ from torch import nn
 from dcae_train.losses.alignment import VFLoss
 from dcae_train.losses.augment import DiffAugment
 from dcae_train.losses.config import FoundationConfig, LossConfig, PerceptualConfig
+from dcae_train.losses.dino_discriminator import DinoDiscriminator
 from dcae_train.losses.discriminator import NLayerDiscriminator
 from dcae_train.losses.foundation import FoundationModel
 from dcae_train.losses.gan import adaptive_weight, d_loss_fn, g_loss_fn
@@ -61,10 +62,9 @@ class AutoencoderLoss(nn.Module):
                 require_pretrained=p.require_pretrained,
                 allow_download=p.allow_download,
             )
-        self.discriminator: NLayerDiscriminator | None = None
+        self.discriminator: NLayerDiscriminator | DinoDiscriminator | None = None
         if config.gan > 0:
-            d = config.disc
-            self.discriminator = NLayerDiscriminator(3, width=d.width, n_layers=d.layers, norm=d.norm)
+            self.discriminator = _build_discriminator(config, foundation, foundation_pretrained)
         self.foundation: FoundationModel | None = None
         self.vf: VFLoss | None = None
         if config.vf.enabled:
@@ -252,6 +252,16 @@ class AutoencoderLoss(nn.Module):
         if self.config.diffaug.paired:
             return self.augment.pair(x, x_hat)
         return self.augment(x), self.augment(x_hat)
+
+
+def _build_discriminator(config: LossConfig, foundation: FoundationConfig | None, pretrained: bool) -> nn.Module:
+    d = config.disc
+    if d.type == "patch":
+        return NLayerDiscriminator(3, width=d.width, n_layers=d.layers, norm=d.norm)
+    # The trunk's weights follow the run's foundation policy (require_pretrained), from disc.trunk_path or the caches.
+    need = (foundation or FoundationConfig()).require_pretrained
+    trunk = FoundationModel(d.trunk, pretrained=pretrained, path=d.trunk_path, require_pretrained=need)
+    return DinoDiscriminator(trunk, d.trunk_layers, width=d.width, norm=d.norm, input_size=d.input_size)
 
 
 def _grad_or_zeros(out, inp, *, grad_outputs=None, retain_graph: bool) -> torch.Tensor:

@@ -16,6 +16,7 @@ from dcae_train.schema import ConfigError, check_at_least, check_choice, require
 LPIPS_NETS = ("vgg", "alex")  # LPIPS trunks: VGG16 (LDM's training loss) and AlexNet (the evaluation LPIPS)
 GAN_LOSSES = ("hinge", "non_saturating")
 DISC_NORMS = ("batch", "group", "none")
+DISC_TYPES = ("patch", "dino")
 COLLAPSE_ACTIONS = ("reset", "stop")
 DIFFAUG_OPS = ("color", "translation", "cutout")  # DiffAugment's three transforms (Zhao et al. 2020)
 # DINOv2 ViT-S/B/L with patch 14, with (-reg: 4 register tokens, Darcet et al. 2024) or without registers
@@ -24,13 +25,23 @@ FOUNDATION_MODELS = tuple(f"dinov2-vit{s}14{r}" for s in "sbl" for r in ("", "-r
 
 @dataclass
 class DiscConfig:
-    layers: int = 3  # stride-2 levels of the PatchGAN; 3 -> 70x70 px patches (pix2pix, taming, [3P])
-    width: int = 64  # channels of the first conv; doubles per level, capped at 8x
+    type: str = "patch"  # patch: the PatchGAN ([P][3P]) | dino: frozen DINOv2 trunk + trained heads (StyleGAN-T)
+    layers: int = 3  # patch: stride-2 levels; 3 -> 70x70 px patches (pix2pix, taming, [3P])
+    width: int = 64  # patch: channels of the first conv, doubling per level, capped at 8x; dino: head width
     norm: str = "batch"  # batch (taming) | group (independent of the batch size) | none
+    trunk: str = "dinov2-vits14"  # dino: the frozen trunk; StyleGAN-T's discriminator uses a ViT-S
+    trunk_layers: list[int] = field(default_factory=lambda: [2, 5, 8, 11])  # dino: blocks the heads judge [ours]
+    trunk_path: str | None = None  # dino: the trunk's weights file; null = torch hub folder / Hugging Face cache
+    input_size: int = 224  # dino: images are resized to this before the trunk (StyleGAN-T: 224)
 
     def __post_init__(self) -> None:
+        check_choice("type", self.type, DISC_TYPES)
         check_at_least(self, ("layers", "width"), 1)
         check_choice("norm", self.norm, DISC_NORMS)
+        check_choice("trunk", self.trunk, FOUNDATION_MODELS)
+        require(bool(self.trunk_layers), "trunk_layers", [], "needs at least one block index", [11])
+        ok = self.input_size >= 14 and self.input_size % 14 == 0
+        require(ok, "input_size", self.input_size, "must be a multiple of 14 (the patch size)", 224)
 
 
 @dataclass

@@ -86,18 +86,25 @@ class FoundationModel(FrozenModule):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"foundation model input must be RGB images (B, 3, H, W) in [-1, 1], got {tuple(x.shape)}")
         gh, gw = grid
         size = (gh * PATCH, gw * PATCH) if self.input_size is None else (self.input_size, self.input_size)
-        x = ((x.float() + 1) / 2 - self.mean) / self.std  # [-1, 1] -> ImageNet-normalised
-        x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)  # (B, 3, 14h, 14w)
-        (f,) = self.vit.forward_intermediates(  # final norm on every layer's tokens, as VA-VAE's forward_features
-            x, indices=[self.layer], norm=True, output_fmt="NCHW", intermediates_only=True
-        )  # (B, D, h', w'); prefix tokens (CLS, registers) dropped
+        (f,) = self.token_maps(x, size, [self.layer], norm=True)  # final norm, as VA-VAE's forward_features
         if f.shape[-2:] != (gh, gw):
             f = F.adaptive_avg_pool2d(f.float(), (gh, gw))  # input_size given: pool the tokens to the latent grid
         return f.float()  # (B, D, gh, gw)
+
+    def token_maps(
+        self, x: torch.Tensor, size: tuple[int, int], layers: list[int], *, norm: bool = False
+    ) -> list[torch.Tensor]:
+        """The patch tokens of blocks `layers` as (B, D, size/14) maps, differentiable in `x` (the weights stay
+        frozen): the DINO discriminator backpropagates the generator's term through them."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"foundation model input must be RGB images (B, 3, H, W) in [-1, 1], got {tuple(x.shape)}")
+        x = ((x.float() + 1) / 2 - self.mean) / self.std  # [-1, 1] -> ImageNet-normalised
+        x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)  # (B, 3, 14h, 14w)
+        return self.vit.forward_intermediates(  # prefix tokens (CLS, registers) dropped
+            x, indices=layers, norm=norm, output_fmt="NCHW", intermediates_only=True
+        )  # [(B, D, h, w)]
 
 
 def _build(name: str) -> nn.Module:
@@ -137,6 +144,9 @@ def _warn_random(name: str, reason: str) -> None:
     if name in _warned:
         return
     _warned.add(name)
-    msg = f"the foundation model {name} has RANDOM weights ({reason}). The alignment losses are meaningless."
+    msg = (
+        f"the foundation model {name} has RANDOM weights ({reason}). What uses its features (the alignment losses, "
+        "the DINO discriminator) is meaningless for real training."
+    )
     warnings.warn(msg, RuntimeWarning, stacklevel=4)
     logger.warning(msg)

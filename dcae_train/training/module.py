@@ -246,11 +246,11 @@ class AutoencoderModule(L.LightningModule):
 
     # Checkpoint contents ----------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):
-        """Everything we train (autoencoder, EMA, discriminator, VF projector); not the frozen LPIPS and foundation
-        nets, which come from their weight files."""
+        """Everything we train (autoencoder, EMA, discriminator, VF projector); not the frozen LPIPS, foundation
+        and DINO-discriminator trunk nets, which come from their weight files."""
         sd = super().state_dict(*args, **kwargs)
         prefix = kwargs.get("prefix", "")
-        frozen = (f"{prefix}loss.perceptual.", f"{prefix}loss.foundation.")
+        frozen = (f"{prefix}loss.perceptual.", f"{prefix}loss.foundation.", f"{prefix}loss.discriminator.trunk.")
         for key in [k for k in sd if k.startswith(frozen)]:
             del sd[key]
         return sd

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dcae_train.config import TrainConfig, to_config
 from dcae_train.losses import AutoencoderLoss
+from dcae_train.losses.dino_discriminator import DinoDiscriminator
 from dcae_train.models import DCAE, build_model, variant_config
 from dcae_train.training import checkpoint as ckpt_lib
 from dcae_train.training.callbacks import FinishedMarker, LossCurves, ReconstructionGrids
@@ -34,7 +35,7 @@ from dcae_train.training.module import AutoencoderModule
 from dcae_train.training.tracking import build_wandb_logger
 from dcae_train.weights import load_model
 from dcae_train.weights.checkpoint import CheckpointMeta
-from dcae_train.weights.discriminator import check_architecture, read_discriminator
+from dcae_train.weights.discriminator import check_architecture, load_discriminator_state, read_discriminator
 
 ENV_RESOLVED = "DCAE_TRAIN_RESOLVED"  # set by rank 0 for processes Lightning relaunches (DDP children)
 
@@ -92,11 +93,14 @@ def _init_discriminator(loss: AutoencoderLoss, phase: PhaseConfig, source: str |
     after checking the architecture matches (and LeCAM's EMAs when both sides have them)."""
     if loss.discriminator is None:
         return None
-    record = {"type": "patch", **dataclasses.asdict(phase.loss.disc), "init_from": source}
+    record: dict[str, Any] = {**dataclasses.asdict(phase.loss.disc), "init_from": source}
+    if isinstance(loss.discriminator, DinoDiscriminator):
+        trunk = loss.discriminator.trunk
+        record["trunk_weights"] = {"pretrained": trunk.pretrained, "sha256": trunk.digest, "file": trunk.weights_file}
     if source:
         state, info = read_discriminator(source)
         check_architecture(info, record, source)
-        loss.discriminator.load_state_dict(state, strict=True)
+        load_discriminator_state(loss.discriminator, state, source)
         if loss.lecam is not None and info.get("lecam"):
             loss.lecam.ema_real.fill_(info["lecam"]["ema_real"])
             loss.lecam.ema_fake.fill_(info["lecam"]["ema_fake"])

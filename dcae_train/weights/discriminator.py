@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from dcae_train.weights.checkpoint import read_training_checkpoint
 from dcae_train.weights.io import WeightsError, read_json, read_safetensors, write_safetensors
@@ -23,7 +24,9 @@ from dcae_train.weights.io import WeightsError, read_json, read_safetensors, wri
 WEIGHTS_FILE = "discriminator.safetensors"
 CONFIG_FILE = "discriminator.json"
 FORMAT = "dcae-train-discriminator"
-ARCH_KEYS = ("type", "layers", "width", "norm")  # what must match the run's discriminator
+# What must match the run's discriminator, per type
+ARCH_KEYS = {"patch": ("layers", "width", "norm"), "dino": ("width", "norm", "trunk", "trunk_layers", "input_size")}
+TRUNK_PREFIX = "trunk."  # the DINO discriminator's frozen trunk: never saved, it comes from its weight file
 _PREFIX, _LECAM = "loss.discriminator.", "loss.lecam."
 
 
@@ -64,8 +67,8 @@ def read_discriminator(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[
 
 def check_architecture(info: dict[str, Any], want: dict[str, Any], source: str) -> None:
     """ValueError naming the first architecture key where the file and the run's discriminator differ."""
-    for key in ARCH_KEYS:
-        if info.get(key) != want.get(key):
+    for key in ("type", *ARCH_KEYS.get(str(want.get("type")), ())):
+        if info.get(key, "patch" if key == "type" else None) != want.get(key):
             raise ValueError(
                 f"init_discriminator={source} holds a {key}={info.get(key)!r} discriminator but this run builds "
                 f"{key}={want.get(key)!r}; set phases.p3.loss.disc.{key}={info.get(key)!r} (or the discriminator "
@@ -73,10 +76,25 @@ def check_architecture(info: dict[str, Any], want: dict[str, Any], source: str) 
             )
 
 
+def load_discriminator_state(disc: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load of everything but the frozen trunk (which the run built from its own weight file)."""
+    missing, unexpected = disc.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(TRUNK_PREFIX)]
+    if missing or unexpected:
+        raise WeightsError(
+            f"init_discriminator={source}: keys do not match the run's discriminator (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); export it again from a checkpoint of the same architecture"
+        )
+
+
 def _from_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     ckpt, meta = read_training_checkpoint(path)
     sd = ckpt["state_dict"]
-    state = {k[len(_PREFIX) :]: v for k, v in sd.items() if k.startswith(_PREFIX)}
+    state = {
+        k[len(_PREFIX) :]: v
+        for k, v in sd.items()
+        if k.startswith(_PREFIX) and not k.startswith(_PREFIX + TRUNK_PREFIX)
+    }
     if not state or meta.discriminator is None:
         raise WeightsError(
             f"{path}: holds no discriminator (phase-3 checkpoints with loss.gan > 0 do, written by this version)"
