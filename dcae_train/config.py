@@ -82,6 +82,10 @@ class TrainConfig:
                 raise ConfigError(f"{p}.{name}", res, rule, lo)
         self._check_prefixes(f"{p}.latent_prefixes.channels", phase.latent_prefixes.channels, end=True)
         self._check_prefixes("evaluation.latent_channels", self.evaluation.latent_channels, end=False)
+        repa, stages = phase.loss.repa, variant_config(self.model.variant).num_stages
+        if repa.enabled and repa.stage >= stages:
+            rule = f"model.variant={self.model.variant} has {repa.where} stages 0..{stages - 1}"
+            raise ConfigError(f"{p}.loss.repa.stage", repa.stage, rule, stages // 2)
         if self.phase == 3 and phase.loss.gan <= 0:
             raise ConfigError(
                 f"{p}.loss.gan", phase.loss.gan, "phase 3 (local refinement) trains with a GAN loss: set it > 0", 0.5

@@ -226,3 +226,50 @@ def test_vf_in_a_phase_with_a_frozen_encoder_fails_clearly(tmp_path):
     )
     with pytest.raises(ValueError, match="encoder's last layer"):
         build_run(cfg)
+
+
+# REPA-style alignment -----------------------------------------------------------------------------------
+def test_repa_loss_is_zero_for_aligned_features_and_two_for_opposite():
+    from dcae_train.losses.alignment import repa_loss
+
+    f = torch.randn(2, 6, 3, 3)
+    assert repa_loss(2 * f, f).abs() < 1e-6  # cosine: scale-free
+    assert repa_loss(-f, f).item() == pytest.approx(2.0)
+
+
+def test_repa_gradient_reaches_the_encoder_up_to_its_stage_and_the_projector_only(vf_loss):
+    from dcae_train.losses.alignment import RepaLoss
+    from dcae_train.losses.config import RepaConfig
+
+    model = build_model("tiny")
+    seen = []
+    model.feature_module("encoder", 1).register_forward_hook(lambda m, i, out: seen.append(out))
+    x = _images()
+    z = model.encode(x)
+    repa = RepaLoss(RepaConfig(weight=0.5, stage=1, hidden=16), model.feature_channels("encoder", 1), 384)
+    assert seen[0].shape[1] == model.feature_channels("encoder", 1)
+    loss, logs = repa(seen[0], vf_loss.foundation_features(x, tuple(z.shape[-2:])))
+    loss.backward()
+    assert logs["loss_repa"] > 0 and all(p.grad is not None for p in repa.parameters())
+    assert model.encoder.conv_in.weight.grad is not None  # before the aligned stage
+    assert all(p.grad is None for p in model.encoder.conv_out.parameters())  # after it
+    assert all(p.grad is None for p in model.decoder.parameters())
+    assert all(p.grad is None for p in vf_loss.foundation.parameters())
+    with pytest.raises(ValueError, match="stages 0.."):
+        model.feature_module("decoder", 9)
+
+
+def test_repa_recipe_trains_the_projector_and_a_frozen_stage_fails_clearly(tmp_path):
+    overrides = ["recipe=dc-ae-f32c32-sana-1.1-repa", "phases.p1.max_steps=1", "phases.p1.loss.lpips_net=alex"]
+    assert cli.main([f"runs_dir={tmp_path / 'runs'}", *SMOKE, *overrides]) == 0
+    (p1,) = (tmp_path / "runs" / "dc-ae-f32c32-sana-1.1-repa" / "phase1").iterdir()
+    keys = torch.load(p1 / "checkpoints" / "final.ckpt", weights_only=True, map_location="cpu")["state_dict"].keys()
+    assert any(k.startswith("loss.repa.projector.") for k in keys)
+    from dcae_train.config import compose
+    from dcae_train.training.run import build_run
+
+    cfg = compose([f"runs_dir={tmp_path / 'runs'}", *SMOKE, *overrides, "phases.p1.trainable=[decoder.*]"])
+    with pytest.raises(ValueError, match="does not train in this phase"):
+        build_run(cfg)
+    with pytest.raises(ConfigError, match="phases.p1.loss.repa.stage=9"):
+        build_run(compose([f"runs_dir={tmp_path / 'runs'}", *SMOKE, *overrides, "phases.p1.loss.repa.stage=9"]))

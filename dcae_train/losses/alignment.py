@@ -1,4 +1,5 @@
-"""Alignment of the latent with a frozen vision foundation model: VA-VAE's VF loss (Yao et al. 2025, "Reconstruction
+"""Alignment with a frozen vision foundation model: VA-VAE's VF loss on the latent, and a REPA-style loss on an
+intermediate feature (`RepaLoss`, below). The VF loss (Yao et al. 2025, "Reconstruction
 vs. Generation", LightningDiT `vavae`). Written from the paper and its public code, ours.
 
     z (B, c, h, w) --1x1 conv, no bias (trained)--> z' (B, D, h, w)      f = DINOv2(x) (B, D, h, w), frozen
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcae_train.losses.config import VFConfig
+from dcae_train.losses.config import RepaConfig, VFConfig
 
 
 def vf_terms(
@@ -53,3 +54,29 @@ class VFLoss(nn.Module):
             distmat, cos = vf_terms(z_proj, feats, cfg.cos_margin, cfg.distmat_margin)
         loss = cfg.distmat_weight * distmat + cfg.cos_weight * cos
         return loss, {"loss_vf": loss.detach(), "loss_vf_distmat": distmat.detach(), "loss_vf_cos": cos.detach()}
+
+
+class RepaLoss(nn.Module):
+    """REPA-style alignment of a feature map h (B, C, H', W'): pooled to the features' grid, projected by a trained
+    3-layer SiLU MLP (1x1 convs: one MLP per position, as REPA's per-token MLP), L = 1 - mean cos(MLP(h), f)."""
+
+    def __init__(self, config: RepaConfig, in_channels: int, feature_dim: int) -> None:
+        super().__init__()
+        self.config = config
+        w = config.hidden
+        self.projector = nn.Sequential(
+            nn.Conv2d(in_channels, w, 1), nn.SiLU(), nn.Conv2d(w, w, 1), nn.SiLU(), nn.Conv2d(w, feature_dim, 1)
+        )
+
+    def forward(self, h: torch.Tensor, feats: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            h = F.adaptive_avg_pool2d(h.float(), feats.shape[-2:])  # (B, C, h, w): the latent grid [ours]
+            loss = repa_loss(self.projector(h), feats)
+        return loss, {"loss_repa": loss.detach()}
+
+
+def repa_loss(h_proj: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """1 - mean over batch and positions of cos(h_proj_i, f_i), for (B, D, h, w) maps of the same shape."""
+    if h_proj.shape != feats.shape:
+        raise ValueError(f"REPA loss: projected feature {tuple(h_proj.shape)} and features {tuple(feats.shape)} differ")
+    return 1 - F.cosine_similarity(h_proj.float(), feats.float(), dim=1).mean()

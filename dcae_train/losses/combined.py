@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dcae_train.losses.alignment import VFLoss
+from dcae_train.losses.alignment import RepaLoss, VFLoss
 from dcae_train.losses.augment import DiffAugment
 from dcae_train.losses.config import FoundationConfig, LossConfig, PerceptualConfig
 from dcae_train.losses.dino_discriminator import DinoDiscriminator
@@ -46,11 +46,13 @@ class AutoencoderLoss(nn.Module):
         foundation: FoundationConfig | None = None,
         latent_channels: int | None = None,
         foundation_pretrained: bool = True,
+        repa_channels: int | None = None,
     ) -> None:
         """`perceptual`: where the LPIPS trunk comes from (default: required, downloaded when missing);
         `lpips_pretrained=False`: a random trunk that never touches the cache or the network (tests).
         `foundation`, `latent_channels`: the DINOv2 and the latent width of the VF loss (needed when vf.weight > 0);
-        `foundation_pretrained=False`: random foundation weights that never touch the cache (tests)."""
+        `foundation_pretrained=False`: random foundation weights that never touch the cache (tests).
+        `repa_channels`: channels of the aligned feature (needed when repa.weight > 0)."""
         super().__init__()
         self.config = config
         self.perceptual: LPIPS | None = None
@@ -67,14 +69,20 @@ class AutoencoderLoss(nn.Module):
             self.discriminator = _build_discriminator(config, foundation, foundation_pretrained)
         self.foundation: FoundationModel | None = None
         self.vf: VFLoss | None = None
+        self.repa: RepaLoss | None = None
+        if config.vf.enabled or config.repa.enabled:  # one foundation model (and one forward) for both
+            fcfg = foundation or FoundationConfig()
+            self.foundation = FoundationModel.from_config(fcfg, pretrained=foundation_pretrained)
         if config.vf.enabled:
             if latent_channels is None:
                 raise ValueError(
                     "AutoencoderLoss: loss.vf.weight > 0 needs latent_channels= (the model's latent width)"
                 )
-            fcfg = foundation or FoundationConfig()
-            self.foundation = FoundationModel.from_config(fcfg, pretrained=foundation_pretrained)
             self.vf = VFLoss(config.vf, latent_channels, self.foundation.dim)
+        if config.repa.enabled:
+            if repa_channels is None:
+                raise ValueError("AutoencoderLoss: loss.repa.weight > 0 needs repa_channels= (the feature's width)")
+            self.repa = RepaLoss(config.repa, repa_channels, self.foundation.dim)
         if self.discriminator is not None:  # the step before which G does not see D (the collapse guard moves it)
             self.register_buffer("gan_pause_until", torch.zeros((), dtype=torch.long))
         self.augment = DiffAugment(config.diffaug) if config.diffaug.policy else None
@@ -83,8 +91,8 @@ class AutoencoderLoss(nn.Module):
         self._g_loss = g_loss_fn(config.gan_loss)
 
     def generator_parameters(self) -> list[nn.Parameter]:
-        """Loss parameters trained with the autoencoder (by its optimizer): the VF projector."""
-        return list(self.vf.parameters()) if self.vf is not None else []
+        """Loss parameters trained with the autoencoder (by its optimizer): the VF and REPA projectors."""
+        return [p for m in (self.vf, self.repa) if m is not None for p in m.parameters()]
 
     def foundation_features(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor | None:
         """The frozen foundation features of `x` on the latent grid (B, D, h, w), or None without a VF loss."""
@@ -132,6 +140,7 @@ class AutoencoderLoss(nn.Module):
         z: torch.Tensor | None = None,
         encoder_last_layer: torch.Tensor | None = None,
         features: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The autoencoder's loss at `step` (0-dim fp32) and detached logs.
 
@@ -140,6 +149,7 @@ class AutoencoderLoss(nn.Module):
         `toggled_optimizer` does) or zero D's gradients before the discriminator step.
         With a VF loss: `z`, the latent x_hat was decoded from; `encoder_last_layer`, the weight of the encoder's
         last conv (the adaptive VF weight); `features`, the foundation features of x if already computed.
+        With a REPA loss: `hidden`, the aligned stage's output for this reconstruction.
         """
         loss, logs = self.reconstruction_loss(x, x_hat)
         vf_term = None
@@ -159,6 +169,14 @@ class AutoencoderLoss(nn.Module):
             logs.update(loss_gan=g_loss.detach(), adaptive_weight=lam, gan_weight=self.config.gan * lam)
         if vf_term is not None:
             loss = loss + vf_term
+        if self.repa is not None:
+            if hidden is None:
+                raise ValueError("loss.repa.weight > 0: generator_loss needs hidden= (the aligned stage's output)")
+            grid = tuple(z.shape[-2:]) if z is not None else tuple(hidden.shape[-2:])
+            feats = features if features is not None else self.foundation_features(x, grid)
+            repa, repa_logs = self.repa(hidden, feats)
+            logs.update(repa_logs)
+            loss = loss + self.config.repa.weight * repa
         logs["loss_total"] = loss.detach()
         return loss, logs
 

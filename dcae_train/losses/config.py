@@ -107,6 +107,29 @@ class VFConfig:
 
 
 @dataclass
+class RepaConfig:
+    """REPA-style alignment (Yu et al. 2025, "Representation Alignment for Generation"; REPA-E): an intermediate
+    feature of the encoder or decoder, average-pooled to the latent grid and projected by a trained MLP, is pulled
+    towards the frozen foundation features of the image: L_REPA = 1 - mean_i cos(MLP(h)_i, f_i) (REPA's negative
+    cosine, shifted so that perfect alignment is 0)."""
+
+    weight: float = 0.0  # REPA loss weight; 0 = off; REPA uses 0.5
+    where: str = "encoder"  # encoder | decoder: whose stage output is aligned
+    stage: int = 1  # index into encoder.down_blocks / decoder.up_blocks [ours]; recipes pick a middle stage
+    hidden: int = 2048  # width of the 3-layer SiLU MLP projector (REPA: 2048)
+
+    def __post_init__(self) -> None:
+        require(math.isfinite(self.weight) and self.weight >= 0, "weight", self.weight, "must be a finite number >= 0")
+        check_choice("where", self.where, ("encoder", "decoder"))
+        check_at_least(self, ("stage",), 0)
+        check_at_least(self, ("hidden",), 1)
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0
+
+
+@dataclass
 class LossConfig:
     """Generator:  l1 * L1 + l2 * L2 + lpips * LPIPS  (+ gan * lambda * L_G from gan_start on);
     discriminator: L_D from disc_start on. lambda is the adaptive weight (taming/LDM) or 1."""
@@ -121,6 +144,7 @@ class LossConfig:
     max_adaptive_weight: float = 1e4  # clamp of the adaptive weight (LDM)
     disc: DiscConfig = field(default_factory=DiscConfig)  # the PatchGAN discriminator
     vf: VFConfig = field(default_factory=VFConfig)  # VA-VAE alignment of the latent with DINOv2 (weight 0 = off)
+    repa: RepaConfig = field(default_factory=RepaConfig)  # REPA-style alignment of a stage's feature (weight 0 = off)
     diffaug: DiffAugConfig = field(default_factory=DiffAugConfig)  # DiffAugment of D's inputs (policy [] = off)
     lecam: float = 0.0  # LeCAM regularisation weight on D (Tseng et al. 2021); 0 = off
     lecam_decay: float = 0.99  # decay of LeCAM's EMAs of D's real and fake outputs (LeCAM's code)

@@ -77,6 +77,23 @@ class AutoencoderModule(L.LightningModule):
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps, flush_every=min(phase.log_every, max_nonfinite_steps))
         self._t_last: float | None = None
         self.inject_nan_loss = False  # set by the chaos-test FaultInjection callback only
+        self._hidden: list[torch.Tensor] = []  # the REPA stage's outputs of this step (after the EMA copy: not copied)
+        if loss.repa is not None:
+            self._hook_repa_stage(phase)
+
+    def _hook_repa_stage(self, phase: PhaseConfig) -> None:
+        r, key = phase.loss.repa, f"phases.p{self.meta.phase}.loss.repa"
+        stage = self.model.feature_module(r.where, r.stage)
+        if not any(p.requires_grad for p in stage.parameters()):
+            raise ValueError(
+                f"{key}.weight={r.weight}: {r.where} stage {r.stage} does not train in this phase, so the alignment "
+                f"would train only its projector; pick a trained stage ({key}.stage) or set {key}.weight=0"
+            )
+        stage.register_forward_hook(self._capture_hidden)
+
+    def _capture_hidden(self, module, inputs, output: torch.Tensor) -> None:
+        if torch.is_grad_enabled():  # training passes only; validation and the EMA never reach here
+            self._hidden.append(output)
 
     # Frozen parts stay frozen -------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -128,13 +145,19 @@ class AutoencoderModule(L.LightningModule):
         DC-Gen's autoencoder loss is not published; the unweighted mean is what its diffusion trainer does over
         prefixes, and it gives every prefix the gradient scale of a whole phase."""
         last = self.model.last_trainable_layer() if self.loss.gan_active(step) else None
-        vf = {}
-        if self.loss.vf is not None:  # the foundation features of x once, for every prefix
-            feats = self.loss.foundation_features(x, tuple(zs[0].shape[-2:]))
-            vf = {"encoder_last_layer": self.model.encoder_last_layer(), "features": feats}
+        extra: dict[str, Any] = {}
+        if self.loss.foundation is not None:  # the foundation features of x once, for every prefix and loss
+            extra["features"] = self.loss.foundation_features(x, tuple(zs[0].shape[-2:]))
+        if self.loss.vf is not None:
+            extra["encoder_last_layer"] = self.model.encoder_last_layer()
+        hidden, self._hidden = self._hidden, []
+        if self.loss.repa is not None and len(hidden) == 1:
+            hidden = hidden * len(x_hats)  # an encoder stage: one body pass for every prefix
         parts = [
-            self.loss.generator_loss(x, x_hat, step=step, last_layer=last, z=z, **vf)
-            for z, x_hat in zip(zs, x_hats, strict=True)
+            self.loss.generator_loss(
+                x, x_hat, step=step, last_layer=last, z=z, hidden=hidden[i] if hidden else None, **extra
+            )
+            for i, (z, x_hat) in enumerate(zip(zs, x_hats, strict=True))
         ]
         if len(parts) == 1:
             return parts[0]

@@ -62,7 +62,11 @@ def build_run(cfg_in: DictConfig | TrainConfig) -> Run:
     torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
 
     model = build_run_model(cfg, paths["init_from"] if not paths["resume"] else None)
-    loss = AutoencoderLoss(phase.loss, cfg.perceptual, foundation=cfg.foundation, latent_channels=model.latent_channels)
+    repa = phase.loss.repa
+    loss = AutoencoderLoss(
+        phase.loss, cfg.perceptual, foundation=cfg.foundation, latent_channels=model.latent_channels,
+        repa_channels=model.feature_channels(repa.where, repa.stage) if repa.enabled else None,
+    )  # fmt: skip
     meta = CheckpointMeta(
         model.config.to_dict(), cfg.model.variant, float(model.scaling_factor), cfg.phase, cfg.recipe,
         parent=paths["init_from"], lpips_pretrained=loss.perceptual.pretrained if loss.perceptual else True,
