@@ -44,6 +44,17 @@ def test_generator_gradient_passes_through_the_frozen_trunk_under_bf16(dino_loss
     dino_loss.discriminator.zero_grad(set_to_none=True)
 
 
+def test_r1_through_the_vit_trunk(dino_loss):
+    """R1 differentiates D's input gradient: the trunk's attention must support a double backward."""
+    from dcae_train.losses.regularizers import r1_penalty
+
+    penalty = r1_penalty(dino_loss.discriminator, torch.rand(1, 3, 28, 28) * 2 - 1)
+    penalty.backward()
+    heads = dino_loss.discriminator.heads
+    assert torch.isfinite(penalty) and all(h[0].weight.grad is not None for h in heads)  # the penalty trains D
+    dino_loss.discriminator.zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_dino_recipe_takes_a_phase3_step(tmp_path, precision):
     args = [f"runs_dir={tmp_path / 'runs'}", "debug=smoke", "data=demo", "data.num_workers=0", f"recipe={RECIPE}",

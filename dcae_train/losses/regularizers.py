@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class LeCAM(nn.Module):
@@ -34,8 +35,11 @@ class LeCAM(nn.Module):
 
 
 def r1_penalty(discriminator: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """E ||grad_x sum D(x)||^2 over the batch of real images `x`, in fp32 with autocast off (0-dim)."""
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    """E ||grad_x sum D(x)||^2 over the batch of real images `x`, in fp32 with autocast off (0-dim).
+
+    The penalty's backward differentiates D's input gradient (double backward). Fused attention kernels (flash,
+    memory-efficient) have no double backward, so the DINO discriminator's ViT runs on the math kernel here."""
+    with torch.autocast(device_type=x.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
         x = x.detach().float().requires_grad_(True)
         logits = discriminator(x).float()
         (grad,) = torch.autograd.grad(logits.sum(), x, create_graph=True)  # the penalty's own gradient reaches D
