@@ -133,6 +133,7 @@ UPSTREAM_FILES = {
     "scripts/convert_dcae_to_diffusers.py": "huggingface/diffusers",
     "convert_dcae_to_diffusers.py": "huggingface/diffusers",
     "train_autoencoderkl.py": "huggingface/diffusers",
+    "diffusion/data/datasets/utils.py": "NVlabs/Sana",
 }
 
 
