@@ -43,7 +43,7 @@ from dcae_train.encoding import (
     make_units,
     weights_digest,
 )
-from dcae_train.evaluate import DTYPES, load_eval_model
+from dcae_train.evaluate import DTYPES, add_model_args, load_eval_model
 from dcae_train.evaluation.latents import LatentAccumulator
 from dcae_train.models import DCAE
 from dcae_train.models.tiling import DEFAULT_TILE
@@ -61,10 +61,7 @@ MODEL_SETTINGS = ("model_sha256", "data_sha256", "bucket_table")
 # Arguments ----------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dcae_train.encode_dataset", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="our .ckpt, diffusers dir, original .safetensors, HF id or variant")
-    p.add_argument("--raw", action="store_true", help="our checkpoints: the raw weights, not the EMA copy")
-    p.add_argument("--random-init", action="store_true", help="--model is a variant name: random weights (tests)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --random-init weights")
+    add_model_args(p)
     p.add_argument("--data", required=True, help="image folder, folder of .tar shards, shard pattern or pipe: URL")
     p.add_argument("--out", type=Path, required=True, help="output folder (created; a rerun resumes it)")
     p.add_argument("--resolution", type=int, default=512, help="square side, or the buckets' target sqrt(pixels)")
