@@ -43,7 +43,7 @@ from dcae_train.encoding import (
     make_units,
     weights_digest,
 )
-from dcae_train.evaluate import DTYPES, add_model_args, load_eval_model
+from dcae_train.evaluate import DTYPES, add_model_args, check_prefixes, load_eval_model
 from dcae_train.evaluation.latents import LatentAccumulator
 from dcae_train.models import DCAE
 from dcae_train.models.tiling import DEFAULT_TILE
@@ -53,8 +53,8 @@ FORMAT = "dcae_train latents v1"
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # What decides the bytes of the shards: a rerun must match it (batch size and workers may change). The first group
 # is known from the flags, so it is checked before the model loads; the second needs the model and the data.
-ARG_SETTINGS = ("mode", "resolution", "small_images", "dtype", "latent_dtype", "format", "tile", "tile_above",
-                "samples_per_shard")  # fmt: skip
+ARG_SETTINGS = ("mode", "resolution", "small_images", "dtype", "latent_dtype", "format", "latent_channels", "tile",
+                "tile_above", "samples_per_shard")  # fmt: skip
 MODEL_SETTINGS = ("model_sha256", "data_sha256", "bucket_table")
 
 
@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latent-dtype", choices=sorted(DTYPES), default="fp32", help="stored latents")
     p.add_argument("--format", choices=LATENT_FORMATS, default="npy", help="latent member: .npy or .safetensors")
     p.add_argument("--samples-per-shard", type=int, default=1000, help="image folders: images per output shard")
+    p.add_argument("--latent-channels", type=int, default=None,
+                   help="DC-AE 1.5: store the first C latent channels (the model's prefix encoding); default: all")
     p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile size (px) of the tiled encoder")
     p.add_argument("--tile-above", type=int, default=2048 * 2048, help="crops with more pixels are encoded tiled")
     p.add_argument("--no-progress", action="store_true")
@@ -226,7 +228,8 @@ def setup(args: argparse.Namespace) -> Job:
     check_settings(stored, settings, MODEL_SETTINGS, args.out)
     plan = Plan(args.resolution, table, args.small_images, args.batch_size, args.tile_above,
                 TransformSpec(resolution=args.resolution))  # fmt: skip
-    opts = EncodeOptions(args.out, args.format, DTYPES[args.latent_dtype], args.tile, args.num_workers)
+    opts = EncodeOptions(args.out, args.format, DTYPES[args.latent_dtype], args.tile, args.num_workers,
+                         args.latent_channels)  # fmt: skip
     header = {"format": FORMAT, "settings": settings, "model": model_info(model, args), "data": args.data}
     if stored is None:  # the first rank here writes it; never over a manifest another rank has since completed
         args.out.mkdir(parents=True, exist_ok=True)
@@ -238,6 +241,11 @@ def setup(args: argparse.Namespace) -> Job:
 def _check_model_fit(model: DCAE, args: argparse.Namespace) -> tuple[Bucket, ...] | None:
     """The bucket table (None: square crops); every size must be a multiple of the model's compression f."""
     f = model.spatial_compression_ratio
+    if args.latent_channels is not None:
+        try:
+            check_prefixes(model, [args.latent_channels])
+        except ValueError as e:
+            raise ConfigError("--latent-channels", args.latent_channels, str(e), model.latent_channels) from None
     if args.tile % f:
         raise ConfigError("--tile", args.tile, f"must be a multiple of the model's spatial compression {f}", 512)
     if args.buckets:
@@ -255,7 +263,8 @@ def model_info(model: DCAE, args: argparse.Namespace) -> dict:
         "weights": weights,
         "variant": model.variant,
         "scaling_factor": model.scaling_factor,
-        "latent_channels": model.latent_channels,
+        "latent_channels": args.latent_channels or model.latent_channels,  # as stored (a 1.5 prefix or all)
+        "model_latent_channels": model.latent_channels,
         "spatial_compression": model.spatial_compression_ratio,
     }
 

@@ -223,18 +223,23 @@ class EncodeOptions:
     latent_dtype: torch.dtype  # as stored
     tile: int  # px, for the crops the workers marked `tiled`
     num_workers: int
+    latent_channels: int | None = None  # DC-AE 1.5: store only this channel prefix (None: the full latent)
 
 
-def encode_latents(model: DCAE, x: torch.Tensor, tiled: bool, tile: int) -> torch.Tensor:
-    """The one call into the encoder (DC-AE 1.5's `latent_channels` prefix is to be passed on here)."""
-    return model.tiled_encode(x, tile=tile) if tiled else model.encode(x)
+def encode_latents(model: DCAE, x: torch.Tensor, tiled: bool, tile: int, latent_channels: int | None = None):
+    """The one call into the encoder; `latent_channels` is DC-AE 1.5's prefix (the first c filters only)."""
+    if tiled:
+        return model.tiled_encode(x, tile=tile, latent_channels=latent_channels)
+    return model.encode(x, latent_channels=latent_channels)
 
 
-def encode_batch(model: DCAE, images: torch.Tensor, ranks: Ranks, tiled: bool, tile: int) -> torch.Tensor:
+def encode_batch(
+    model: DCAE, images: torch.Tensor, ranks: Ranks, tiled: bool, tile: int, latent_channels: int | None = None
+) -> torch.Tensor:
     """uint8 (B, 3, h, w) -> float32 latents (B, C, h/f, w/f); the image scaling is the evaluation's ToTensor."""
     x = images.to(ranks.device, non_blocking=True).float().div_(127.5).sub_(1.0)
     with torch.inference_mode(), torch.autocast(ranks.device.type, ranks.dtype, enabled=ranks.dtype != torch.float32):
-        z = encode_latents(model, x, tiled, tile)
+        z = encode_latents(model, x, tiled, tile, latent_channels)
     return z.float()
 
 
@@ -289,7 +294,7 @@ def encode_units(model: DCAE, units: list[Unit], plan: Plan, opts: EncodeOptions
                 writers.pop(batch["unit"]).finish(batch)
                 progress.shard_done(batch["read"], len(batch["skipped"]))
                 continue
-            z = encode_batch(model, batch["images"], ranks, batch["meta"][0]["tiled"], opts.tile)
+            z = encode_batch(model, batch["images"], ranks, batch["meta"][0]["tiled"], opts.tile, opts.latent_channels)
             writers[batch["unit"]].add(z, batch)
             written += len(batch["keys"])
             progress.update(len(batch["keys"]))

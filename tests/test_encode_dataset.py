@@ -106,6 +106,26 @@ def test_latents_decode_as_the_model_does_and_captions_pass_through(square):
         assert meta["key"] == key and meta["bucket"] == [RES, RES] and not meta["tiled"] and "jpg" not in sample
 
 
+def test_dcae15_prefix_stores_the_first_channels_as_the_model_encodes_them(tmp_path):
+    src = source_shards(tmp_path / "src", shards=1, bad=False)
+    model_args = ["--model", "tiny-1.5", "--random-init", "--seed", "0"]
+    argv = ["--data", str(src), "--resolution", str(RES), "--num-workers", "0", "--no-progress"]
+    assert main([*model_args, *argv, "--out", str(tmp_path / "out"), "--latent-channels", "8"]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["model"]["latent_channels"] == 8 and manifest["model"]["model_latent_channels"] == 16
+    assert len(manifest["statistics"]["per_channel_rms"]) == 8
+    written = {k: s for p in sorted((tmp_path / "out").glob("latents-*.tar")) for k, s in read_shard(p).items()}
+    sources = read_shard(next(src.glob("*.tar")))
+    torch.manual_seed(0)
+    model = build_model("tiny-1.5").eval()
+    x = torch.stack([to_tensor(adm_center_crop(Image.open(io.BytesIO(sources[k]["jpg"])), RES)) for k in written])
+    z = torch.stack([latent_from_bytes(s["npy"], "npy") for s in written.values()])
+    with torch.no_grad():
+        assert torch.allclose(z, model.encode(x, latent_channels=8), atol=1e-5)
+        assert torch.allclose(z, model.encode(x)[:, :8], atol=1e-5)
+    assert main([*model_args, *argv, "--out", str(tmp_path / "out"), "--latent-channels", "4"]) == 2  # another prefix
+
+
 def test_statistics_are_those_of_the_stored_latents(square):
     _, out = square
     acc = LatentAccumulator(8)
@@ -266,6 +286,7 @@ def test_image_folder_with_caption_files(tmp_path):
         (["--resolution", "36"], "--resolution=36: must be a multiple of the model's compression 8"),
         (["--batch-size", "0"], "--batch-size=0: must be >= 1"),
         (["--buckets", "no-such.json"], "--buckets='no-such.json'"),
+        (["--latent-channels", "4"], "--latent-channels=4: --latent-channels: this model has a shortcut"),
     ],
 )
 def test_bad_flags_exit_2_before_any_work(square, tmp_path, capsys, extra, match):
