@@ -74,8 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latent-dtype", choices=sorted(DTYPES), default="fp32", help="stored latents")
     p.add_argument("--format", choices=LATENT_FORMATS, default="npy", help="latent member: .npy or .safetensors")
     p.add_argument("--samples-per-shard", type=int, default=1000, help="image folders: images per output shard")
-    p.add_argument("--latent-channels", type=int, default=None,
-                   help="DC-AE 1.5: store the first C latent channels (the model's prefix encoding); default: all")
+    p.add_argument("--latent-channels", type=int, default=None, help="DC-AE 1.5: store only the first C channels")
     p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile size (px) of the tiled encoder")
     p.add_argument("--tile-above", type=int, default=2048 * 2048, help="crops with more pixels are encoded tiled")
     p.add_argument("--no-progress", action="store_true")
