@@ -36,6 +36,17 @@ RES = 32  # the tiny variant compresses 8x: 4 x 4 latents
 MODEL = ["--model", "tiny", "--random-init", "--seed", "0"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Conv results depend on the number of intra-op threads (reduction order, ~3e-6), and earlier tests in the
+    same process may have changed it (Lightning's DDP sets it per process): every run here, in this process or in
+    a forked one, encodes with one thread, so bitwise comparisons between them hold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model():
     torch.manual_seed(0)  # what --random-init --seed 0 builds
     return build_model("tiny").eval()
@@ -158,6 +169,7 @@ def test_reader_scales_splits_and_decodes_fields(square):
 def _run_rank(argv: list[str], env: dict[str, str], log: str) -> None:
     """A process as torchrun starts one: RANK / WORLD_SIZE in the environment, the CLI's exit code as its own."""
     os.environ.update(env)
+    torch.set_num_threads(1)  # as the runs in the test process (_one_thread)
     with open(log, "w") as f, contextlib.redirect_stdout(f):
         code = main(argv)
     sys.exit(code)

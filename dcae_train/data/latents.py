@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors.torch
 import torch
+from safetensors.torch import load as safetensors_from_bytes
+from safetensors.torch import save as safetensors_to_bytes
 from torch.utils.data import IterableDataset
 from webdataset.tariterators import tarfile_samples
 
@@ -40,7 +41,7 @@ SCALES = ("model", "measured")
 def latent_to_bytes(z: torch.Tensor, fmt: str) -> bytes:
     """(C, h, w) tensor -> the bytes of a `.npy` or `.safetensors` member (deterministic: same tensor, same bytes)."""
     if fmt == "safetensors":
-        return safetensors.torch.save({"latent": z.contiguous()})
+        return safetensors_to_bytes({"latent": z.contiguous()})
     buf = io.BytesIO()
     np.save(buf, z.numpy(), allow_pickle=False)
     return buf.getvalue()
@@ -48,7 +49,7 @@ def latent_to_bytes(z: torch.Tensor, fmt: str) -> bytes:
 
 def latent_from_bytes(data: bytes, fmt: str) -> torch.Tensor:
     if fmt == "safetensors":
-        return safetensors.torch.load(data)["latent"]
+        return safetensors_from_bytes(data)["latent"]
     return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
 
 
