@@ -27,10 +27,16 @@ class AutoencoderLoss(nn.Module):
     """Generator and discriminator losses of one phase. Only the discriminator's parameters are trainable."""
 
     def __init__(
-        self, config: LossConfig, perceptual: PerceptualConfig | None = None, *, lpips_pretrained: bool = True
+        self,
+        config: LossConfig,
+        perceptual: PerceptualConfig | None = None,
+        *,
+        lpips_pretrained: bool = True,
+        shapes_only: bool = False,
     ) -> None:
         """`perceptual`: where the LPIPS trunk comes from (default: required, downloaded when missing);
-        `lpips_pretrained=False`: a random trunk that never touches the cache or the network (tests)."""
+        `lpips_pretrained=False`: a random trunk that never touches the cache or the network (tests);
+        `shapes_only=True`: built inside the caller's FakeTensorMode for cost estimates (see `LPIPS`)."""
         super().__init__()
         self.config = config
         self.perceptual: LPIPS | None = None
@@ -41,6 +47,7 @@ class AutoencoderLoss(nn.Module):
                 pretrained=lpips_pretrained,
                 require_pretrained=p.require_pretrained,
                 allow_download=p.allow_download,
+                shapes_only=shapes_only,
             )
         self.discriminator: NLayerDiscriminator | None = None
         if config.gan > 0:
