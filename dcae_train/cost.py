@@ -30,11 +30,13 @@ import math
 import sys
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, flop_registry, shape_wrapper
@@ -126,9 +128,7 @@ def build_parts(cfg: TrainConfig, width: float | None = None) -> tuple[DCAE, Aut
 
 
 def _in_fake_mode() -> bool:
-    from torch._guards import detect_fake_mode
-
-    return detect_fake_mode() is not None or torch.get_default_device().type == "meta"
+    return detect_fake_mode() is not None
 
 
 def precision(cfg: TrainConfig) -> str:
@@ -201,9 +201,7 @@ def count_flops() -> Iterator[tuple[Flops, FlopCounterMode]]:
         yield flops, mode
 
 
-def _fake_mode():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
+def _fake_mode() -> FakeTensorMode:
     return FakeTensorMode()
 
 
@@ -336,7 +334,6 @@ class PhaseCost:
     precision: str
     checkpointing: bool
     assumed_devices: bool = False  # trainer.devices was -1 / auto: --gpus-per-node was used
-    notes: list[str] = field(default_factory=list)
 
     @property
     def global_batch(self) -> int:
@@ -391,11 +388,13 @@ def phase_cost(cfg: TrainConfig, gpus_per_node: int = DEFAULT_GPUS_PER_NODE, wid
 
 
 def phase_configs(overrides: Sequence[str] = ()) -> list[TrainConfig]:
-    """The recipe's three phases, composed exactly as `python -m dcae_train <overrides> phase=N` would. Data keys
-    the cost does not read (data.train) are filled when the recipe leaves them to the command line."""
+    """The recipe's three phases (or the one `phase=N` names), composed exactly as `python -m dcae_train
+    <overrides> phase=N` would. data.train, which the cost does not read, is filled when the recipe leaves it to
+    the command line."""
     composed = compose(overrides)
+    chosen = any(o.partition("=")[0] == "phase" for o in overrides)
     out = []
-    for n in (1, 2, 3):
+    for n in (composed.phase,) if chosen else (1, 2, 3):
         cfg = composed.copy()
         cfg.phase = n
         if OmegaConf.is_missing(cfg.data, "train"):
@@ -415,9 +414,9 @@ def row(c: PhaseCost, peak: float, mfu: float) -> list[str]:
     gb = f"{c.batch_size}x{c.devices}" + (f"x{c.nodes}" if c.nodes > 1 else "") + f"={c.global_batch}"
     return [
         c.recipe, str(c.phase), str(c.resolution), gb + ("*" if c.assumed_devices else ""), f"{c.steps:,}",
-        _si(c.images), _millions(c.trainable), _millions(c.frozen), f"{c.flops.forward / 1e9:,.0f}",
-        f"{c.flops.backward / 1e9:,.0f}", f"{c.autoencoder / 1e9:,.0f}", f"{c.total_flop / 1e15:,.0f}",
-        f"{c.gpu_hours(peak, mfu):,.0f}", f"{c.memory.total / GIB:.1f}",
+        _si(c.images), _millions(c.trainable), _millions(c.frozen), _num(c.flops.forward / 1e9),
+        _num(c.flops.backward / 1e9), _num(c.autoencoder / 1e9), _num(c.total_flop / 1e15),
+        _num(c.gpu_hours(peak, mfu)), f"{c.memory.total / GIB:.1f}",
     ]  # fmt: skip
 
 
@@ -429,7 +428,12 @@ def _si(n: float) -> str:
 
 
 def _millions(n: int) -> str:
-    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}k" if n else "0"
+
+
+def _num(x: float) -> str:
+    """Whole numbers from 100 on, else two significant digits (the quickstart's figures are tiny)."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.2g}"
 
 
 def markdown_table(costs: Sequence[PhaseCost], peak: float, mfu: float) -> str:
@@ -438,7 +442,7 @@ def markdown_table(costs: Sequence[PhaseCost], peak: float, mfu: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def text_report(costs: Sequence[PhaseCost], chip: str, peak: float, mfu: float) -> str:
+def text_report(costs: Sequence[PhaseCost], chip: str, peak: float, mfu: float, gpus_per_node: int) -> str:
     out = []
     for c in costs:
         m = c.memory
@@ -447,27 +451,27 @@ def text_report(costs: Sequence[PhaseCost], chip: str, peak: float, mfu: float) 
             f"{c.recipe} phase {c.phase}: {c.variant} at {c.resolution} px, {c.precision}, checkpointing {ck}",
             f"  parameters    trainable {c.trainable:,}  frozen {c.frozen:,}",
             f"  images        {c.steps:,} steps x global batch {c.global_batch} ({c.batch_size} per device x "
-            f"{c.devices} devices{' [assumed]' if c.assumed_devices else ''} x {c.nodes} nodes) = {c.images:,}",
+            f"{c.devices} devices{'*' if c.assumed_devices else ''} x {c.nodes} nodes) = {c.images:,}",
             f"  GFLOP/image   forward {c.flops.forward / 1e9:,.1f}  backward {c.flops.backward / 1e9:,.1f}  "
             f"(of these, the autoencoder: {c.autoencoder / 1e9:,.1f})",
-            f"  total         {c.total_flop / 1e15:,.1f} PFLOP = {c.gpu_hours(peak, mfu):,.1f} GPU-hours on {chip} "
+            f"  total         {_num(c.total_flop / 1e15)} PFLOP = {_num(c.gpu_hours(peak, mfu))} GPU-hours on {chip} "
             f"at MFU {mfu}",
             f"  peak memory   {m.total / GIB:.2f} GiB per GPU = weights {m.weights / GIB:.2f} + AdamW "
             f"{m.adamw / GIB:.2f} + EMA {m.ema / GIB:.2f} + DDP buckets {m.ddp_buckets / GIB:.2f} + step "
             f"{m.step_peak / GIB:.2f} (batch, activations, gradients)",
         ]
-    out.append(ASSUMPTIONS.format(chip=chip, peak=peak / 1e12, mfu=mfu))
+    out.append(ASSUMPTIONS.format(peak=peak / 1e12, mfu=mfu, gpn=gpus_per_node))
     return "\n".join(out) + "\n"
 
 
-ASSUMPTIONS = (
-    "Counted: convolutions, matmuls and attention of the autoencoder, LPIPS (VGG16 or AlexNet on x and x_hat, "
-    "backward into x_hat)\nand the discriminator (generator and discriminator passes), 2 FLOP per multiply-add; "
-    "not counted: elementwise ops,\nnorms, the optimizer, EMA, validation. GPU-hours = FLOP / ({peak:.0f} TFLOP/s "
-    "x MFU {mfu}); the MFU is an assumption [ours].\nMemory: estimated from fake tensors (no GPU run): allocator "
-    "fragmentation, cuDNN workspaces and the CUDA context\nare not included. * = trainer.devices=-1: "
-    "8 GPUs per node assumed (--gpus-per-node)."
-)
+ASSUMPTIONS = """\
+Counted: convolutions, matmuls and attention (2 FLOP per multiply-add) of the autoencoder, of LPIPS (on x and x_hat,
+backward into x_hat) and of the discriminator (generator and discriminator passes); checkpointed blocks recomputed
+in the backward count there. Not counted: elementwise ops, norms, the optimizer, EMA, validation.
+GPU-hours = FLOP / ({peak:.0f} TFLOP/s x MFU {mfu}); the default MFU 0.35 is an assumption [ours], not a measurement.
+Memory per GPU: allocated tensor bytes (what torch.cuda.max_memory_allocated reports), estimated on fake tensors;
+the CUDA context, cuDNN workspaces and the caching allocator's slack come on top.
+* trainer.devices is -1 or auto: {gpn} GPUs per node assumed (--gpus-per-node)."""
 
 
 # Command line ---------------------------------------------------------------------------------------------------
@@ -503,7 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.markdown:
         print(markdown_table(costs, peak, args.mfu), end="")
     else:
-        print(text_report(costs, args.chip if args.peak_tflops is None else "the given chip", peak, args.mfu), end="")
+        chip = args.chip if args.peak_tflops is None else f"a {args.peak_tflops:g} TFLOP/s chip"
+        print(text_report(costs, chip, peak, args.mfu, args.gpus_per_node), end="")
     return 0
 
 
