@@ -186,7 +186,7 @@ def count_flops() -> Iterator[tuple[Flops, FlopCounterMode]]:
     def tally(formula):
         def counted(*args, **kwargs):
             n = formula(*args, **kwargs)
-            if torch._C._current_graph_task_id() == -1:
+            if torch._C._current_graph_task_id() == -1:  # -1: not inside autograd's engine
                 flops.forward += n
             else:
                 flops.backward += n
@@ -201,22 +201,18 @@ def count_flops() -> Iterator[tuple[Flops, FlopCounterMode]]:
         yield flops, mode
 
 
-def _fake_mode() -> FakeTensorMode:
-    return FakeTensorMode()
-
-
 def count_step(cfg: TrainConfig, *, step: int, width: float | None = None) -> tuple[Flops, float]:
     """FLOPs per image of one training step at `step` (batch 1, fake tensors): (the step, of which the
     autoencoder's modules, forward + backward)."""
     res = cfg.phase_config.resolution
-    with _fake_mode():
+    with FakeTensorMode():
         model, loss = build_parts(cfg, width)
         with count_flops() as (flops, mode):
             train_step(model, loss, torch.randn(1, 3, res, res), step=step, prefixes=step_prefixes(cfg))
     # The loss nets are always entered through __call__ (their module names are reliable); the autoencoder's
     # frozen-prefix forward calls parts of it directly, so it is the rest.
     per_module = {k: sum(v.values()) for k, v in mode.get_flop_counts().items()}
-    loss_nets = per_module.get(type(loss.perceptual).__name__, 0) + per_module.get("NLayerDiscriminator", 0)
+    loss_nets = per_module.get("LPIPS", 0) + per_module.get("NLayerDiscriminator", 0)
     return flops, flops.total - loss_nets
 
 
@@ -224,9 +220,9 @@ def step_peak_bytes(cfg: TrainConfig, *, step: int, batch: int, width: float | N
     """Peak bytes allocated during one training step at `step` at this per-device batch (fake tensors, the
     configured precision). A pass of its own: FlopCounterMode's module hooks keep tensors alive longer."""
     res = cfg.phase_config.resolution
-    with _fake_mode():
+    with FakeTensorMode():
         model, loss = build_parts(cfg, width)
-        with _LiveBytes() as live, autocast(cfg):
+        with _LiveBytes(existing=[model, loss]) as live, autocast(cfg):
             x = torch.randn(batch, 3, res, res)
             train_step(model, loss, x, step=step, prefixes=step_prefixes(cfg))
             del x
@@ -248,13 +244,15 @@ class _LiveBytes(TorchDispatchMode):
 
     Hand-written (torch's MemTracker is private API of torch.distributed): one weak reference per storage, whose
     callback subtracts its bytes when autograd or Python drops the last tensor on it. Views share their base's
-    storage and are counted once."""
+    storage and are counted once; so are views of the `existing` modules' weights (counted as states)."""
 
-    def __init__(self) -> None:
+    def __init__(self, existing: Sequence[nn.Module] = ()) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
-        self._refs: dict[int, weakref.ref] = {}
+        self._refs: dict[int, weakref.ref | None] = {}
+        self._existing = [t.untyped_storage() for m in existing for t in (*m.parameters(), *m.buffers())]
+        self._refs.update({id(st): None for st in self._existing})  # kept alive by _existing: no id is reused
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -303,7 +301,7 @@ def _nbytes(module: nn.Module | None, trainable_only: bool = False) -> int:
 
 def static_memory(cfg: TrainConfig, world_size: int, width: float | None = None) -> Memory:
     """The states that live across steps, from the sizes of the phase's parts."""
-    with _fake_mode():
+    with FakeTensorMode():
         model, loss = build_parts(cfg, width)
         disc = loss.discriminator
         trainable = _nbytes(model, trainable_only=True) + _nbytes(disc, trainable_only=True)
@@ -326,8 +324,9 @@ class PhaseCost:
     devices: int
     nodes: int
     steps: int
-    trainable: int
+    trainable: int  # of the autoencoder
     frozen: int
+    discriminator: int  # its parameters (all trainable), 0 without a GAN loss
     flops: Flops  # per image, mean over the phase's steps
     autoencoder: float  # per image, forward + backward of the autoencoder's modules (in the step)
     memory: Memory
@@ -368,10 +367,11 @@ def phase_cost(cfg: TrainConfig, gpus_per_node: int = DEFAULT_GPUS_PER_NODE, wid
     regime's (the steady state), at the configured per-device batch."""
     phase = cfg.phase_config
     devices, assumed = device_count(cfg, gpus_per_node)
-    with _fake_mode():
-        model, _ = build_parts(cfg, width)
+    with FakeTensorMode():
+        model, loss = build_parts(cfg, width)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        disc = sum(p.numel() for p in loss.discriminator.parameters()) if loss.discriminator is not None else 0
     mean, autoencoder = Flops(), 0.0
     for start, steps in regimes(cfg):
         flops, autoencoder = count_step(cfg, step=start, width=width)
@@ -381,7 +381,7 @@ def phase_cost(cfg: TrainConfig, gpus_per_node: int = DEFAULT_GPUS_PER_NODE, wid
     return PhaseCost(
         recipe=cfg.recipe, phase=cfg.phase, variant=cfg.model.variant, resolution=phase.resolution,
         batch_size=phase.batch_size, devices=devices, nodes=cfg.trainer.num_nodes, steps=phase.max_steps,
-        trainable=trainable, frozen=frozen, flops=mean, autoencoder=autoencoder,
+        trainable=trainable, frozen=frozen, discriminator=disc, flops=mean, autoencoder=autoencoder,
         memory=memory, precision=precision(cfg), checkpointing=cfg.model.gradient_checkpointing,
         assumed_devices=assumed,
     )  # fmt: skip
@@ -449,7 +449,8 @@ def text_report(costs: Sequence[PhaseCost], chip: str, peak: float, mfu: float, 
         ck = "on" if c.checkpointing else "off"
         out += [
             f"{c.recipe} phase {c.phase}: {c.variant} at {c.resolution} px, {c.precision}, checkpointing {ck}",
-            f"  parameters    trainable {c.trainable:,}  frozen {c.frozen:,}",
+            f"  parameters    trainable {c.trainable:,}  frozen {c.frozen:,}"
+            + (f"  (+ discriminator {c.discriminator:,})" if c.discriminator else ""),
             f"  images        {c.steps:,} steps x global batch {c.global_batch} ({c.batch_size} per device x "
             f"{c.devices} devices{'*' if c.assumed_devices else ''} x {c.nodes} nodes) = {c.images:,}",
             f"  GFLOP/image   forward {c.flops.forward / 1e9:,.1f}  backward {c.flops.backward / 1e9:,.1f}  "
