@@ -17,6 +17,7 @@ import sys
 import torch
 
 from dcae_train import cost
+from dcae_train.losses import perceptual
 from dcae_train.training.ema import EMA
 from dcae_train.training.optim import build_adamw
 
@@ -43,12 +44,15 @@ def measure(phase: int, width: float, overrides: list[str]) -> dict[str, int]:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # VmHWM := VmRSS now
         x = torch.rand(batch, 3, res, res) * 2 - 1
-        cost.train_step(model, loss, x, step=step, prefixes=cost.step_prefixes(cfg), optimizers=opts)
+        with cost.autocast(cfg):  # bf16-mixed: CPU autocast for real, as the estimate simulates it
+            cost.train_step(model, loss, x, step=step, prefixes=cost.step_prefixes(cfg), optimizers=opts)
         del x
     measured = rss("VmHWM") - base
     assert ema is not None or not cfg.phase_config.ema.enabled
     estimate = cost.phase_cost(cfg, width=width).memory
-    return {"measured": measured, "estimate": estimate.total, "step_peak": estimate.step_peak}
+    # Host memory of a GPU run too, not device memory: lpips' per-process cache of its real CPU build.
+    cache = sum(t.numel() * t.element_size() for sd in perceptual._CONSTRUCTED.values() for t in sd.values())
+    return {"measured": measured, "estimate": estimate.total, "step_peak": estimate.step_peak, "lpips_cache": cache}
 
 
 if __name__ == "__main__":
