@@ -480,6 +480,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(
         prog="python -m dcae_train.cost",
         description="FLOPs, GPU-hours and peak memory of each phase of a recipe (overrides: as python -m dcae_train)",
+        epilog="e.g. recipe=dc-ae-f32c32-sana-1.1 phase=2 trainer.devices=8 trainer.num_nodes=4 --chip A100 --mfu 0.4; "
+        "how it is counted: docs/cost.md",
     )
     p.add_argument("--chip", default=DEFAULT_CHIP, help=f"one of {', '.join(CHIPS)} (dense BF16 peak)")
     p.add_argument("--peak-tflops", type=float, default=None, help="a chip's peak in TFLOP/s instead of --chip")
@@ -494,6 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         peak = _peak(args)
+        if args.all and any(o.partition("=")[0] == "recipe" for o in overrides):
+            raise ValueError("--all costs every recipe: drop recipe=..., or drop --all to cost one")
         if not 0 < args.mfu <= 1 or args.gpus_per_node < 1:
             raise ValueError(f"--mfu={args.mfu} must be in (0, 1] and --gpus-per-node >= 1, e.g. --mfu 0.35")
         recipes = recipe_names() if args.all else [None]

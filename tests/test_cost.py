@@ -88,6 +88,7 @@ def test_command_prints_every_phase_and_refuses_bad_flags(capsys):
     assert "--chip=Z80 is not known" in capsys.readouterr().err
     assert cost.main(["recipe=quickstart", "--mfu", "1.5"]) == 2
     assert cost.main(["recipe=quickstart", "phases.p9.batch_size=1"]) == 2
+    assert cost.main(["--all", "recipe=quickstart"]) == 2
 
 
 def test_global_batch_images_and_gpu_hours_follow_the_config():
