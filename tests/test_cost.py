@@ -15,8 +15,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from dcae_train import cost
+from dcae_train.config import compose, to_config
 from dcae_train.losses.perceptual import LPIPS
 from dcae_train.models import build_model
+from dcae_train.training.run import build_run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONV_BACKWARD = torch.ops.aten.convolution_backward
@@ -62,6 +64,29 @@ def test_sana_256_flops_agree_with_a_direct_count():
     assert abs(autoencoder - ae) / ae < 0.01, (autoencoder / 1e9, ae / 1e9)
     assert abs(step.total - total) / total < 0.01, (step.total / 1e9, total / 1e9)
     assert 840e9 < step.forward - 80e9 < 850e9  # 846.7 GFLOP forward of the autoencoder, ~80 of LPIPS (2 images)
+
+
+def test_train_step_counts_what_the_trainers_step_runs(tmp_path):
+    """cost.train_step against AutoencoderModule.training_step in a real one-step fit (tiny, phase 3 with the
+    discriminator and the adaptive GAN weight from step 0): the same FLOPs, to the last one."""
+    overrides = [
+        "recipe=quickstart", "phase=3", f"runs_dir={tmp_path}", "debug=smoke", "data=demo", "data.num_workers=0",
+        "init_from=tiny", "phases.p3.max_steps=1", "phases.p3.loss.gan_start=0", "phases.p3.loss.disc_start=0",
+    ]  # fmt: skip
+    run = build_run(compose(overrides))
+    counted, step = [], run.module.training_step
+
+    def counted_step(*args, **kwargs):
+        with FlopCounterMode(display=False, custom_mapping=cost.CORRECTED_FORMULAS) as mode:
+            out = step(*args, **kwargs)
+        counted.append(mode.get_total_flops())
+        return out
+
+    run.module.training_step = counted_step
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    cfg = to_config(compose(overrides))
+    ours, _ = cost.count_step(cfg, step=0)
+    assert counted == [ours.total * cfg.phase_config.batch_size]
 
 
 @pytest.mark.slow
