@@ -328,7 +328,7 @@ class PhaseCost:
     frozen: int
     discriminator: int  # its parameters (all trainable), 0 without a GAN loss
     flops: Flops  # per image, mean over the phase's steps
-    autoencoder: float  # per image, forward + backward of the autoencoder's modules (in the step)
+    autoencoder: float  # per image, forward + backward of the autoencoder's modules, mean over the phase's steps
     memory: Memory
     precision: str
     checkpointing: bool
@@ -372,12 +372,12 @@ def phase_cost(cfg: TrainConfig, gpus_per_node: int = DEFAULT_GPUS_PER_NODE, wid
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
         disc = sum(p.numel() for p in loss.discriminator.parameters()) if loss.discriminator is not None else 0
-    mean, autoencoder = Flops(), 0.0
-    for start, steps in regimes(cfg):
-        flops, autoencoder = count_step(cfg, step=start, width=width)
-        mean = mean + flops.scale(steps / phase.max_steps)
+    mean, autoencoder, stretches = Flops(), 0.0, regimes(cfg)
+    for start, steps in stretches:
+        flops, ae = count_step(cfg, step=start, width=width)
+        mean, autoencoder = mean + flops.scale(steps / phase.max_steps), autoencoder + ae * steps / phase.max_steps
     memory = static_memory(cfg, devices * cfg.trainer.num_nodes, width)
-    memory.step_peak = step_peak_bytes(cfg, step=start, batch=phase.batch_size, width=width)
+    memory.step_peak = step_peak_bytes(cfg, step=stretches[-1][0], batch=phase.batch_size, width=width)
     return PhaseCost(
         recipe=cfg.recipe, phase=cfg.phase, variant=cfg.model.variant, resolution=phase.resolution,
         batch_size=phase.batch_size, devices=devices, nodes=cfg.trainer.num_nodes, steps=phase.max_steps,
