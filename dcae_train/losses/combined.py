@@ -47,12 +47,14 @@ class AutoencoderLoss(nn.Module):
         latent_channels: int | None = None,
         foundation_pretrained: bool = True,
         repa_channels: int | None = None,
+        shapes_only: bool = False,
     ) -> None:
         """`perceptual`: where the LPIPS trunk comes from (default: required, downloaded when missing);
         `lpips_pretrained=False`: a random trunk that never touches the cache or the network (tests).
         `foundation`, `latent_channels`: the DINOv2 and the latent width of the VF loss (needed when vf.weight > 0);
         `foundation_pretrained=False`: random foundation weights that never touch the cache (tests).
-        `repa_channels`: channels of the aligned feature (needed when repa.weight > 0)."""
+        `repa_channels`: channels of the aligned feature (needed when repa.weight > 0).
+        `shapes_only=True`: built inside the caller's FakeTensorMode for cost estimates (see `LPIPS`)."""
         super().__init__()
         self.config = config
         self.perceptual: LPIPS | None = None
@@ -63,6 +65,7 @@ class AutoencoderLoss(nn.Module):
                 pretrained=lpips_pretrained,
                 require_pretrained=p.require_pretrained,
                 allow_download=p.allow_download,
+                shapes_only=shapes_only,
             )
         self.discriminator: NLayerDiscriminator | DinoDiscriminator | None = None
         if config.gan > 0:

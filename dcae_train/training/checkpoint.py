@@ -115,8 +115,12 @@ def runs_newest_first(runs_dir: str | Path, recipe: str, phase: int) -> list[Pat
     return sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True)
 
 
-def find_resume_checkpoint(runs_dir: str | Path, recipe: str, phase: int) -> Path:
+def find_resume_checkpoint(runs_dir: str | Path, recipe: str, phase: int, prefer: Path | None = None) -> Path:
+    """The newest loadable checkpoint of the newest run; the run folder `prefer` (this launch's own: run_dir=, or
+    the torchrun / SLURM job's folder) first, so every rank of a relaunched job picks the same file."""
     runs = runs_newest_first(runs_dir, recipe, phase)
+    if prefer is not None:
+        runs = [prefer, *(r for r in runs if r.resolve() != prefer.resolve())]
     for run in runs:
         ckpt = latest_good_checkpoint(run)
         if ckpt is not None:

@@ -3,8 +3,9 @@
 Preemption: SIGTERM (what schedulers send before a kill) and SIGUSR1 (SLURM's pre-timeout signal with
 `#SBATCH --signal=USR1@90`) set a flag; at the next step boundary the run writes a checkpoint (atomically,
 also as last.ckpt), stops cleanly and the process exits with `EXIT_PREEMPTED` (75, EX_TEMPFAIL), so a
-wrapper or SLURM requeue runs `resume=auto` again. Under SLURM with Lightning's auto-requeue the job is
-requeued by Lightning's own SIGUSR1 handler instead (docs/troubleshooting.md, docs/training.md).
+wrapper runs `resume=auto` again: `scripts/launch_slurm.sh` requeues the job on 75 and the requeued job resumes.
+Under SLURM too this callback owns SIGUSR1 (the trainer turns Lightning's own auto-requeue off), so there is one
+preemption path everywhere (docs/troubleshooting.md, docs/training.md).
 
 Fault injection, for the chaos tests only: `DCAE_TRAIN_FAULTS="nan@3,nan@3,sigterm@5,kill@6"` makes the loss of
 the next two batches at step 3 NaN (each entry fires once; a skipped batch does not advance the step), sends
@@ -30,9 +31,8 @@ FAULTS_ENV = "DCAE_TRAIN_FAULTS"
 class Preemption(L.Callback):
     SIGNALS = ("SIGTERM", "SIGUSR1")
 
-    def __init__(self, run_dir: Path, *, handle_usr1: bool = True) -> None:
+    def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
-        self.handle_usr1 = handle_usr1
         self.requested: str | None = None  # the signal this process received
         self.preempted = False  # set on every rank once any rank was signalled: the run stopped to be resumed
         self._previous: dict[int, Any] = {}
@@ -42,8 +42,7 @@ class Preemption(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Registered after Lightning's own handlers (installed when fit starts), so ours decide.
-        names = [s for s in self.SIGNALS if s != "SIGUSR1" or self.handle_usr1]
-        for name in names:
+        for name in self.SIGNALS:
             sig = getattr(signal, name, None)
             if sig is None:
                 continue

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,7 +33,8 @@ from dcae_train.training.datamodule import ImageDataModule
 from dcae_train.training.eval_callback import EvalCallback
 from dcae_train.training.faults import FAULTS_ENV, FaultInjection, Preemption
 from dcae_train.training.module import AutoencoderModule
-from dcae_train.training.tracking import build_wandb_logger
+from dcae_train.training.ranks import RankReport
+from dcae_train.training.tracking import build_wandb_logger, save_wandb_id, wandb_run_id
 from dcae_train.weights import load_model
 from dcae_train.weights.checkpoint import CheckpointMeta
 from dcae_train.weights.discriminator import check_architecture, load_discriminator_state, read_discriminator
@@ -85,10 +87,11 @@ def build_run(cfg_in: DictConfig | TrainConfig) -> Run:
         seed=cfg.seed,
         val_resolution=phase.val_resolution or phase.resolution,
     )
-    preemption = Preemption(run_dir, handle_usr1="SLURM_JOB_ID" not in os.environ)
-    trainer = build_trainer(cfg, run_dir, module, preemption)
-    if trainer.is_global_zero:
-        save_run_config(cfg, run_dir, meta)
+    preemption = Preemption(run_dir)
+    wandb_id = wandb_run_id(run_dir)
+    trainer = build_trainer(cfg, run_dir, module, preemption, _loggers(cfg, run_dir, wandb_id))
+    if trainer.is_global_zero:  # every file of the run folder is written by global rank 0 only
+        save_run_config(cfg, run_dir, meta, wandb_id if len(trainer.loggers) > 1 else None)
     return Run(cfg, phase, run_dir, trainer, module, datamodule, paths["resume"], preemption)
 
 
@@ -138,7 +141,7 @@ def resolve_paths(cfg: TrainConfig) -> dict[str, Any]:
     init_from = cfg.init_from
     if cfg.resume:
         path = (
-            ckpt_lib.find_resume_checkpoint(cfg.runs_dir, cfg.recipe, cfg.phase)
+            ckpt_lib.find_resume_checkpoint(cfg.runs_dir, cfg.recipe, cfg.phase, prefer=_own_run_dir(cfg))
             if cfg.resume == "auto"
             else Path(cfg.resume)
         )
@@ -150,7 +153,7 @@ def resolve_paths(cfg: TrainConfig) -> dict[str, Any]:
         resume = str(path)
         run_dir = Path(cfg.run_dir) if cfg.run_dir else path.parent.parent
     else:
-        run_dir = Path(cfg.run_dir) if cfg.run_dir else _new_run_dir(cfg)
+        run_dir = _new_run_dir(cfg)
         if cfg.phase > 1 and (init_from is None or init_from == "auto"):
             init_from = str(ckpt_lib.find_parent_checkpoint(cfg.runs_dir, cfg.recipe, cfg.phase))
     resolved = {"run_dir": str(run_dir.resolve()), "resume": resume, "init_from": init_from}
@@ -159,17 +162,26 @@ def resolve_paths(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _new_run_dir(cfg: TrainConfig) -> Path:
-    root = ckpt_lib.phase_root(cfg.runs_dir, cfg.recipe, cfg.phase)
+    own = _own_run_dir(cfg)
+    if own is not None:
+        return own
     if _launched_externally():
-        # Started by torchrun / SLURM: every rank runs this, so the name must not depend on the clock.
-        job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
-        if not job or job == "none":
-            raise ValueError(
-                "multi-process launch without a shared run folder: pass run_dir=<path> (the same on every rank), "
-                "or launch under SLURM or torchrun with --rdzv-id"
-            )
-        return root / f"job-{job}"
-    return root / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        raise ValueError(
+            "multi-process launch without a shared run folder: pass run_dir=<path> (the same on every rank), "
+            "or launch under SLURM or torchrun with --rdzv-id"
+        )
+    return ckpt_lib.phase_root(cfg.runs_dir, cfg.recipe, cfg.phase) / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+
+
+def _own_run_dir(cfg: TrainConfig) -> Path | None:
+    """The folder this launch names: run_dir=, or `job-<id>` under torchrun / SLURM (every rank runs this, so the
+    name must not depend on the clock; a requeued SLURM job keeps its id and so its folder). None: a new timestamp."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
+    if not _launched_externally() or not job or job == "none":
+        return None
+    return ckpt_lib.phase_root(cfg.runs_dir, cfg.recipe, cfg.phase) / f"job-{job}"
 
 
 # Objects ------------------------------------------------------------------------------------------------
@@ -195,7 +207,9 @@ def build_run_model(cfg: TrainConfig, init_from: str | None) -> DCAE:
     return model
 
 
-def build_trainer(cfg: TrainConfig, run_dir: Path, module: AutoencoderModule, preemption: Preemption) -> L.Trainer:
+def build_trainer(
+    cfg: TrainConfig, run_dir: Path, module: AutoencoderModule, preemption: Preemption, loggers: list[Any]
+) -> L.Trainer:
     t, phase = cfg.trainer, cfg.phase_config
     on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
     precision = t.precision if t.precision != "auto" else ("bf16-mixed" if on_gpu else "32-true")
@@ -213,9 +227,9 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, module: AutoencoderModule, pr
         limit_val_batches=phase.val_batches,
         num_sanity_val_steps=0,
         log_every_n_steps=phase.log_every,
-        logger=_loggers(cfg, run_dir),
+        logger=loggers,
         callbacks=_callbacks(cfg, run_dir, preemption),
-        plugins=[ckpt_lib.AtomicCheckpointIO()],
+        plugins=[ckpt_lib.AtomicCheckpointIO(), *_cluster_plugins()],
         default_root_dir=str(run_dir),
         deterministic=t.deterministic,
         sync_batchnorm=multi and _trains_batchnorm(module),
@@ -228,7 +242,17 @@ def _strategy(cfg: TrainConfig, module: AutoencoderModule) -> Any:
     if cfg.trainer.strategy not in ("ddp", "auto"):
         return cfg.trainer.strategy
     # G and D share one DDP wrapper: D is unused in the generator's pass before gan_start and G in D's pass.
-    return DDPStrategy(find_unused_parameters=module.loss.discriminator is not None)
+    # The timeout bounds how long a rank waits for a lost one (torch's default: 30 min) before it fails.
+    return DDPStrategy(
+        find_unused_parameters=module.loss.discriminator is not None,
+        timeout=timedelta(seconds=cfg.trainer.collective_timeout_s),
+    )
+
+
+def _cluster_plugins() -> list[Any]:
+    # Under SLURM our Preemption callback owns SIGUSR1 as well as SIGTERM (checkpoint, exit 75, and
+    # scripts/launch_slurm.sh requeues): Lightning's own auto-requeue would write a second kind of checkpoint.
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
 
 
 def _trains_batchnorm(module: AutoencoderModule) -> bool:
@@ -238,9 +262,9 @@ def _trains_batchnorm(module: AutoencoderModule) -> bool:
     )
 
 
-def _loggers(cfg: TrainConfig, run_dir: Path) -> list[Any]:
+def _loggers(cfg: TrainConfig, run_dir: Path, wandb_id: str) -> list[Any]:
     loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
-    wandb_logger = build_wandb_logger(cfg.logger.wandb, run_dir, cfg.recipe, cfg.phase)
+    wandb_logger = build_wandb_logger(cfg.logger.wandb, run_dir, cfg.recipe, cfg.phase, wandb_id)
     return loggers + ([wandb_logger] if wandb_logger is not None else [])
 
 
@@ -259,8 +283,8 @@ def _callbacks(cfg: TrainConfig, run_dir: Path, preemption: Preemption) -> list[
         ),
         ReconstructionGrids(run_dir, phase.image_every),
         LossCurves(run_dir),
+        RankReport(run_dir),  # before FinishedMarker: replicas that disagree never mark the run finished
         FinishedMarker(run_dir, {"recipe": cfg.recipe, "phase": cfg.phase}, preemption),
-        # Under SLURM, Lightning's auto-requeue owns SIGUSR1 (it saves an hpc checkpoint and requeues the job).
         preemption,
     ]
     if cfg.evaluation.every > 0:
@@ -279,8 +303,10 @@ def _multi_process(cfg: TrainConfig) -> bool:
     return cfg.trainer.multi_device or cfg.trainer.num_nodes > 1 or _launched_externally()
 
 
-def save_run_config(cfg: TrainConfig, run_dir: Path, meta: CheckpointMeta) -> None:
+def save_run_config(cfg: TrainConfig, run_dir: Path, meta: CheckpointMeta, wandb_id: str | None = None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
+    if wandb_id:
+        save_wandb_id(run_dir, wandb_id)
     resolved = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     name = "config.yaml" if not (run_dir / "config.yaml").exists() else "config.resumed.yaml"
     (run_dir / name).write_text(resolved)
