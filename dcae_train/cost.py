@@ -6,7 +6,8 @@
 
 The overrides are the trainer's (`dcae_train.config.compose`, the same config tree). Nothing is computed on
 real numbers: the recipe's own training step (`train_step`: the autoencoder's frozen-prefix forward, its loss with
-LPIPS and the discriminator as the phase configures them, the backward, the discriminator's step) runs once on
+LPIPS, the frozen foundation model with the VF/REPA terms, the discriminator and its aids (DiffAugment, LeCAM,
+lazy R1, amortised) as the phase configures them, the backward, the discriminator's step) runs once on
 fake tensors (`FakeTensorMode`: shapes and dtypes only, so a full-size model at 1024 px costs a fraction of a
 second) at the phase's resolution, and
 
@@ -15,7 +16,8 @@ second) at the phase's resolution, and
   running; checkpointed blocks recomputed in the backward count in the backward. Torch's formula for the
   backward of a *grouped* convolution overcounts the weight gradient by the group count (it ignores `groups`), so
   `convolution_backward` is counted here as one forward convolution per gradient it computes (exact for any
-  `groups`).
+  `groups`); the CPU kernel of fused attention (the DINOv2 ViTs on fake CPU tensors), which torch's registry
+  lacks, is counted with torch's attention formula.
 - memory: every tensor the step allocates is followed until it is freed (`_LiveBytes`), at the configured
   per-device batch and precision (bf16-mixed as CPU autocast, whose bf16 op list covers the convolutions and
   matmuls of these networks), with gradient checkpointing as configured; the states that live across steps
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import math
 import sys
 import weakref
@@ -39,11 +42,19 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, flop_registry, shape_wrapper
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    conv_flop_count,
+    flop_registry,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+    shape_wrapper,
+)
 
 from dcae_train.config import TrainConfig, compose, recipe_names, to_config
 from dcae_train.losses import AutoencoderLoss
 from dcae_train.models import DCAE, build_model, variant_config
+from dcae_train.training.module import generator_loss
 from dcae_train.training.phases import freeze_all_but, select_trainable
 
 # Dense BF16 tensor-core peaks from the vendors' datasheets (the sparsity figures are twice these).
@@ -73,24 +84,43 @@ def train_step(
     optimizers: Sequence[torch.optim.Optimizer] = (),
 ) -> None:
     """One batch of `AutoencoderModule.training_step` without Lightning: the generator pass (frozen-prefix
-    forward, loss over the prefixes, backward), then the discriminator pass once it trains. With `optimizers`
+    forward, the trainer's own `generator_loss` over the prefixes with the foundation features, VF and REPA terms
+    and their adaptive weights, backward), then the discriminator pass once it trains. With `optimizers`
     (generator's, then discriminator's) each pass ends in a real AdamW step; gradients are freed after each pass
-    as the trainer's `zero_grad(set_to_none=True)` does."""
+    as the trainer's `zero_grad(set_to_none=True)` does. Not run: the collapse guard's check of D's accuracy after
+    its step (a host read of one number, no FLOPs; a reset it may trigger is rare)."""
     disc = loss.discriminator
-    with _frozen(disc):  # Lightning's toggled_optimizer: D gets no gradients from the generator's backward
+    # Lightning's toggled_optimizer: D gets no gradients from the generator's backward
+    with _frozen(disc), _repa_outputs(model, loss) as hidden:
         zs, x_hats = model.reconstruct(x, prefixes)
-        last = model.last_trainable_layer() if loss.gan_active(step) else None
-        parts = [loss.generator_loss(x, x_hat, step=step, last_layer=last)[0] for x_hat in x_hats]
-        g_loss = parts[0] if len(parts) == 1 else torch.stack(parts).mean()
+        g_loss, _ = generator_loss(model, loss, x, zs, x_hats, step=step, hidden=hidden)
+        hidden.clear()
         g_loss.backward()
-        _finish(optimizers[0] if optimizers else None, model)
-    del zs, parts, g_loss
+        _finish(optimizers[0] if optimizers else None, model, loss)
+    del zs, g_loss
     if disc is not None and loss.disc_active(step):
         fakes = x_hats[0] if len(x_hats) == 1 else torch.cat(x_hats)
         d_loss, _ = loss.discriminator_loss(x, fakes.detach(), step=step)
         del x_hats, fakes
         d_loss.backward()
         _finish(optimizers[1] if len(optimizers) > 1 else None, disc)
+
+
+@contextlib.contextmanager
+def _repa_outputs(model: DCAE, loss: AutoencoderLoss) -> Iterator[list[torch.Tensor]]:
+    """The REPA stage's outputs of the step, captured as the trainer's forward hook does (training passes only)."""
+    hidden: list[torch.Tensor] = []
+    if loss.repa is None:
+        yield hidden
+        return
+    r = loss.repa.config
+    handle = model.feature_module(r.where, r.stage).register_forward_hook(
+        lambda _m, _i, out: hidden.append(out) if torch.is_grad_enabled() else None
+    )
+    try:
+        yield hidden
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager
@@ -105,10 +135,11 @@ def _frozen(module: nn.Module | None) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def _finish(optimizer: torch.optim.Optimizer | None, module: nn.Module) -> None:
+def _finish(optimizer: torch.optim.Optimizer | None, *modules: nn.Module) -> None:
     if optimizer is not None:
         optimizer.step()
-    module.zero_grad(set_to_none=True)
+    for module in modules:
+        module.zero_grad(set_to_none=True)
 
 
 # Building a phase's parts -----------------------------------------------------------------------------------
@@ -126,6 +157,10 @@ def build_parts(cfg: TrainConfig, width: float | None = None) -> tuple[DCAE, Aut
         latent_channels=model.latent_channels, foundation_pretrained=False,
         repa_channels=model.feature_channels(repa.where, repa.stage) if repa.enabled else None,
     )  # fmt: skip  # the trainer's loss (training/run.py), random weights: only shapes matter here
+    if loss.discriminator is not None and _in_fake_mode():
+        # The collapse guard's pause (the step before which G does not see a reset D) is read on the host, which a
+        # fake tensor cannot give: a constant 0 (no collapse), the costlier branch in which G sees D from gan_start.
+        loss.gan_pause_until = torch.tensor(0)
     if precision(cfg) == "bf16-true":
         model.to(torch.bfloat16)
         loss.to(torch.bfloat16)  # LPIPS stays fp32 (FrozenModule), the discriminator follows
@@ -163,8 +198,22 @@ def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddi
     return conv_flop_count(x_shape, w_shape, grad_out_shape, transposed) * (int(output_mask[0]) + int(output_mask[1]))
 
 
-# For FlopCounterMode(custom_mapping=...): torch's formulas with the convolution backward corrected.
-CORRECTED_FORMULAS = {torch.ops.aten.convolution_backward: _conv_backward_flop}
+def _cpu_attention_flop(q_shape, k_shape, v_shape, *_args, out_shape=None, **_kwargs) -> int:
+    return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+def _cpu_attention_backward_flop(grad_out_shape, q_shape, k_shape, v_shape, *_args, out_shape=None, **_kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, q_shape, k_shape, v_shape)
+
+
+# For FlopCounterMode(custom_mapping=...): torch's formulas with the convolution backward corrected, and the CPU
+# kernel of fused attention (what the ViTs of the foundation model and the DINO discriminator run here; on a GPU
+# they run the flash or memory-efficient kernel, which torch counts with these same formulas) that it lacks.
+CORRECTED_FORMULAS = {
+    torch.ops.aten.convolution_backward: _conv_backward_flop,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flop,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flop,
+}
 
 
 @dataclass
@@ -217,8 +266,39 @@ def count_step(cfg: TrainConfig, *, step: int, width: float | None = None) -> tu
     # The loss nets are always entered through __call__ (their module names are reliable); the autoencoder's
     # frozen-prefix forward calls parts of it directly, so it is the rest.
     per_module = {k: sum(v.values()) for k, v in mode.get_flop_counts().items()}
-    loss_nets = per_module.get("LPIPS", 0) + per_module.get("NLayerDiscriminator", 0)
+    loss_nets = sum(per_module.get(name, 0) for name in LOSS_NETS)
     return flops, flops.total - loss_nets
+
+
+# The loss's networks, by the class name FlopCounterMode files each under (each is entered through __call__; the
+# DINO discriminator's trunk is counted inside DinoDiscriminator, the foundation model's ViT inside FoundationModel).
+# The VF and REPA losses are not among them: their projectors are a fraction of a GFLOP, and the module tracker
+# files part of the encoder's backward under VFLoss (autograd reaches the encoder through z while VFLoss's
+# backward is still open), so the autoencoder's share keeps them.
+LOSS_NETS = ("LPIPS", "NLayerDiscriminator", "DinoDiscriminator", "FoundationModel")
+
+
+def amortised_step(cfg: TrainConfig, *, step: int, width: float | None = None) -> tuple[Flops, float]:
+    """`count_step` at `step`, with lazy R1 amortised: the trainer adds the penalty on the steps that are multiples
+    of r1_every, so a step with it counts 1/r1_every and one without it the rest."""
+    loss = cfg.phase_config.loss
+    if not (loss.gan > 0 and loss.r1 > 0 and step >= loss.disc_start) or loss.r1_every == 1:
+        return count_step(cfg, step=step, width=width)
+    k = 1 / loss.r1_every
+    (f1, ae1), (f0, ae0) = (count_step(with_r1(cfg, on), step=step, width=width) for on in (True, False))
+    return f1.scale(k) + f0.scale(1 - k), ae1 * k + ae0 * (1 - k)
+
+
+def with_r1(cfg: TrainConfig, on: bool) -> TrainConfig:
+    """A copy of `cfg` whose every step has the R1 penalty (`on`, r1_every=1) or none (r1=0): the cost of a step
+    with it does not depend on gamma or on the interval."""
+    out = copy.deepcopy(cfg)
+    loss = out.phase_config.loss
+    if on:
+        loss.r1_every = 1
+    else:
+        loss.r1 = 0.0
+    return out
 
 
 def step_peak_bytes(cfg: TrainConfig, *, step: int, batch: int, width: float | None = None) -> int:
@@ -284,8 +364,8 @@ class _LiveBytes(TorchDispatchMode):
 class Memory:
     """Peak bytes per GPU: states that live across steps (from their sizes) + the step's peak (simulated)."""
 
-    weights: int = 0  # autoencoder + LPIPS trunk + discriminator (buffers included)
-    adamw: int = 0  # two moments per trainable parameter (autoencoder and discriminator)
+    weights: int = 0  # autoencoder + LPIPS trunk + foundation model + discriminator + VF/REPA projectors (+ buffers)
+    adamw: int = 0  # two moments per trainable parameter (autoencoder, discriminator, projectors)
     ema: int = 0  # the EMA copy of the whole autoencoder
     ddp_buckets: int = 0  # DDP's gradient buckets: one more copy of the trainable gradients (multi-GPU)
     step_peak: int = 0  # the step's peak: batch, activations, recomputation, gradients, temporaries
@@ -308,10 +388,11 @@ def static_memory(cfg: TrainConfig, world_size: int, width: float | None = None)
     """The states that live across steps, from the sizes of the phase's parts."""
     with FakeTensorMode():
         model, loss = build_parts(cfg, width)
-        disc = loss.discriminator
-        trainable = _nbytes(model, trainable_only=True) + _nbytes(disc, trainable_only=True)
+        disc, projectors = loss.discriminator, (loss.vf, loss.repa)  # D with its frozen DINO trunk, if any
+        trainable = sum(_nbytes(m, trainable_only=True) for m in (model, disc, *projectors))
+        frozen_nets = _nbytes(loss.perceptual) + _nbytes(loss.foundation)
         return Memory(
-            weights=_nbytes(model) + _nbytes(loss.perceptual) + _nbytes(disc),
+            weights=_nbytes(model) + frozen_nets + sum(_nbytes(m) for m in (disc, *projectors)),
             adamw=2 * trainable,
             ema=_nbytes(model) if cfg.phase_config.ema.enabled else 0,
             ddp_buckets=trainable if world_size > 1 else 0,
@@ -331,7 +412,7 @@ class PhaseCost:
     steps: int
     trainable: int  # of the autoencoder
     frozen: int
-    discriminator: int  # its parameters (all trainable), 0 without a GAN loss
+    discriminator: int  # its trainable parameters (a DINO discriminator's trunk is frozen), 0 without a GAN loss
     flops: Flops  # per image, mean over the phase's steps
     autoencoder: float  # per image, forward + backward of the autoencoder's modules, mean over the phase's steps
     memory: Memory
@@ -368,21 +449,25 @@ def device_count(cfg: TrainConfig, gpus_per_node: int) -> tuple[int, bool]:
 
 
 def phase_cost(cfg: TrainConfig, gpus_per_node: int = DEFAULT_GPUS_PER_NODE, width: float | None = None) -> PhaseCost:
-    """Every figure of one phase. FLOPs per image are the mean over the phase's regimes; memory is the last
-    regime's (the steady state), at the configured per-device batch."""
+    """Every figure of one phase. FLOPs per image are the mean over the phase's regimes (lazy R1 amortised); memory
+    is the last regime's (the steady state, on a step with R1 where there is one), at the configured per-device
+    batch."""
     phase = cfg.phase_config
     devices, assumed = device_count(cfg, gpus_per_node)
     with FakeTensorMode():
         model, loss = build_parts(cfg, width)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-        disc = sum(p.numel() for p in loss.discriminator.parameters()) if loss.discriminator is not None else 0
+        d = loss.discriminator
+        disc = sum(p.numel() for p in d.parameters() if p.requires_grad) if d is not None else 0
     mean, autoencoder, stretches = Flops(), 0.0, regimes(cfg)
     for start, steps in stretches:
-        flops, ae = count_step(cfg, step=start, width=width)
+        flops, ae = amortised_step(cfg, step=start, width=width)
         mean, autoencoder = mean + flops.scale(steps / phase.max_steps), autoencoder + ae * steps / phase.max_steps
     memory = static_memory(cfg, devices * cfg.trainer.num_nodes, width)
-    memory.step_peak = step_peak_bytes(cfg, step=stretches[-1][0], batch=phase.batch_size, width=width)
+    # the steady state's peak: a step with R1 where the phase has it (its double backward is the largest graph)
+    last = with_r1(cfg, True) if phase.loss.gan > 0 and phase.loss.r1 > 0 else cfg
+    memory.step_peak = step_peak_bytes(last, step=stretches[-1][0], batch=phase.batch_size, width=width)
     return PhaseCost(
         recipe=cfg.recipe, phase=cfg.phase, variant=cfg.model.variant, resolution=phase.resolution,
         batch_size=phase.batch_size, devices=devices, nodes=cfg.trainer.num_nodes, steps=phase.max_steps,
@@ -472,8 +557,11 @@ def text_report(costs: Sequence[PhaseCost], chip: str, peak: float, mfu: float, 
 
 ASSUMPTIONS = """\
 Counted: convolutions, matmuls and attention (2 FLOP per multiply-add) of the autoencoder, of LPIPS (on x and x_hat,
-backward into x_hat) and of the discriminator (generator and discriminator passes); checkpointed blocks recomputed
-in the backward count there. Not counted: elementwise ops, norms, the optimizer, EMA, validation.
+backward into x_hat), of the frozen foundation model (VF/REPA: forward without a graph), the VF/REPA projectors and
+the VF adaptive weight's extra gradients, and of the discriminator (generator and discriminator passes; a DINO
+discriminator's frozen trunk with its backward into x_hat; lazy R1 amortised over r1_every); checkpointed blocks
+recomputed in the backward count there. Not counted: elementwise ops (DiffAugment, LeCAM), norms, the optimizer,
+EMA, validation, the collapse guard (a host read; its resets).
 GPU-hours = FLOP / ({peak:.0f} TFLOP/s x MFU {mfu}); the default MFU 0.35 is an assumption [ours], not a measurement.
 Memory per GPU: allocated tensor bytes (what torch.cuda.max_memory_allocated reports), estimated on fake tensors;
 the CUDA context, cuDNN workspaces and the caching allocator's slack come on top.

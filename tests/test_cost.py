@@ -66,12 +66,31 @@ def test_sana_256_flops_agree_with_a_direct_count():
     assert 840e9 < step.forward - 80e9 < 850e9  # 846.7 GFLOP forward of the autoencoder, ~80 of LPIPS (2 images)
 
 
-def test_train_step_counts_what_the_trainers_step_runs(tmp_path):
-    """cost.train_step against AutoencoderModule.training_step in a real one-step fit (tiny, phase 3 with the
-    discriminator and the adaptive GAN weight from step 0): the same FLOPs, to the last one."""
+# Tiny runs whose one real step must cost what the command counts: phase 3 with the PatchGAN and the adaptive GAN
+# weight from step 0; phase 1 with VF (adaptive weight) and REPA on a random DINOv2 ViT-S; phase 3 with the DINO
+# discriminator (56 px trunk input), DiffAugment, LeCAM, R1 on this step and the collapse guard.
+TINY_STEPS = {
+    "patchgan": ["phase=3", "phases.p3.loss.gan_start=0", "phases.p3.loss.disc_start=0"],
+    "vf-repa": [
+        "phase=1", "phases.p1.loss.vf.weight=0.1", "phases.p1.loss.repa.weight=0.5", "phases.p1.loss.repa.hidden=64",
+    ],
+    "dino-diffaug-lecam-r1": [
+        "phase=3", "phases.p3.loss.gan_start=0", "phases.p3.loss.disc_start=0", "phases.p3.loss.disc.type=dino",
+        "phases.p3.loss.disc.input_size=56", "phases.p3.loss.disc.norm=group", "phases.p3.loss.lecam=0.001",
+        "phases.p3.loss.diffaug.policy=[color,translation,cutout]", "phases.p3.loss.r1=1.0",
+        "phases.p3.loss.collapse.steps=5",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(TINY_STEPS))
+def test_train_step_counts_what_the_trainers_step_runs(tmp_path, case):
+    """cost.train_step against AutoencoderModule.training_step in a real one-step fit (tiny, debug=smoke): the
+    same FLOPs, to the last one."""
+    phase = TINY_STEPS[case][0].partition("=")[2]
     overrides = [
-        "recipe=quickstart", "phase=3", f"runs_dir={tmp_path}", "debug=smoke", "data=demo", "data.num_workers=0",
-        "init_from=tiny", "phases.p3.max_steps=1", "phases.p3.loss.gan_start=0", "phases.p3.loss.disc_start=0",
+        "recipe=quickstart", f"runs_dir={tmp_path}", "debug=smoke", "data=demo", "data.num_workers=0",
+        f"phases.p{phase}.max_steps=1", *TINY_STEPS[case], *(["init_from=tiny"] if phase != "1" else []),
     ]  # fmt: skip
     run = build_run(compose(overrides))
     counted, step = [], run.module.training_step
@@ -87,6 +106,25 @@ def test_train_step_counts_what_the_trainers_step_runs(tmp_path):
     cfg = to_config(compose(overrides))
     ours, _ = cost.count_step(cfg, step=0)
     assert counted == [ours.total * cfg.phase_config.batch_size]
+
+
+def test_lazy_r1_is_amortised_and_the_alignment_nets_are_counted():
+    """R1 every 16 steps adds 1/16 of an R1 step's extra cost; the VF phase counts the foundation model's forward
+    (no backward: it has no graph) and the adaptive VF weight's second pass back through the decoder."""
+    base = ["recipe=quickstart", "debug=smoke", "phase=3", "phases.p3.loss.gan_start=0"]
+    cfg = cost.phase_configs([*base, "phases.p3.loss.r1=1.0", "phases.p3.loss.r1_every=16"])[0]
+    every, never = (cost.count_step(cost.with_r1(cfg, on), step=0)[0].total for on in (True, False))
+    assert every > never
+    assert cost.amortised_step(cfg, step=0)[0].total == pytest.approx(never + (every - never) / 16)
+    p1 = ["recipe=quickstart", "debug=smoke", "phase=1"]
+    plain = cost.count_step(cost.phase_configs(p1)[0], step=0)[0]
+    vf_fixed = cost.count_step(cost.phase_configs([*p1, *VF, "phases.p1.loss.vf.adaptive_weight=false"])[0], step=0)[0]
+    vf = cost.count_step(cost.phase_configs([*p1, *VF])[0], step=0)[0]
+    assert vf_fixed.forward > plain.forward and vf_fixed.backward == pytest.approx(plain.backward, rel=0.01)
+    assert vf.backward > 1.2 * vf_fixed.backward  # the rec gradient at the encoder's last layer: decoder + LPIPS again
+
+
+VF = ["phases.p1.loss.vf.weight=0.1"]
 
 
 @pytest.mark.slow

@@ -39,6 +39,7 @@ def test_translation_and_cutout_match_a_direct_computation():
                 if 0 <= i - dy < 4 and 0 <= j - dx < 5:
                     ref[b, 0, i, j] = x[b, 0, i - dy, j - dx]
     assert torch.equal(out, ref)
+    assert torch.equal(translate(x, torch.tensor([1, -2]), torch.tensor([0, 3]), pad=4), out)  # any bound: same
     mask = cutout_mask(torch.zeros(1, 1, 4, 4), torch.tensor([0]), torch.tensor([2]), 0.5)  # 2x2 square at (0, 2)
     ref = torch.ones(1, 1, 4, 4)
     ref[0, 0, 0, 1:3] = 0  # rows -1..0 (clipped to 0), columns 1..2

@@ -34,7 +34,7 @@ class DiffAugment:
         if "color" in cfg.policy:
             p["brightness"], p["saturation"], p["contrast"] = (torch.rand(b, 1, 1, 1, device=dev) for _ in range(3))
         if "translation" in cfg.policy:
-            sh, sw = int(h * cfg.translation + 0.5), int(w * cfg.translation + 0.5)
+            sh, sw = _max_shift(x, cfg.translation)
             p["shift_y"] = torch.randint(-sh, sh + 1, (b,), device=dev)
             p["shift_x"] = torch.randint(-sw, sw + 1, (b,), device=dev)
         if "cutout" in cfg.policy:
@@ -51,7 +51,7 @@ class DiffAugment:
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
             x = (x - mean) * (p["contrast"].to(x.dtype) + 0.5) + mean
         if "shift_y" in p:
-            x = translate(x, p["shift_y"], p["shift_x"])
+            x = translate(x, p["shift_y"], p["shift_x"], pad=max(_max_shift(x, self.config.translation)))
         if "cut_y" in p:
             x = x * cutout_mask(x, p["cut_y"], p["cut_x"], self.config.cutout)
         return x
@@ -65,10 +65,21 @@ class DiffAugment:
         return self.apply(a, p), self.apply(b, p)
 
 
-def translate(x: torch.Tensor, shift_y: torch.Tensor, shift_x: torch.Tensor) -> torch.Tensor:
-    """out[b, :, i, j] = x[b, :, i - shift_y[b], j - shift_x[b]], zero outside the image (differentiable gather)."""
+def _max_shift(x: torch.Tensor, translation: float) -> tuple[int, int]:
+    """The largest shift `sample` draws for images of x's size, in rows and columns."""
+    h, w = x.shape[-2:]
+    return int(h * translation + 0.5), int(w * translation + 0.5)
+
+
+def translate(x: torch.Tensor, shift_y: torch.Tensor, shift_x: torch.Tensor, pad: int | None = None) -> torch.Tensor:
+    """out[b, :, i, j] = x[b, :, i - shift_y[b], j - shift_x[b]], zero outside the image (differentiable gather).
+
+    `pad`: a bound on every |shift| (the zeros padded around the image; the result does not depend on it). Given,
+    nothing is read back from the device (`DiffAugment` passes the largest shift it can draw, which also lets the
+    cost command run it on fake tensors); None: the largest shift of this draw, read on the host."""
     b, _, h, w = x.shape
-    pad = int(max(shift_y.abs().max(), shift_x.abs().max()))
+    if pad is None:
+        pad = int(max(shift_y.abs().max(), shift_x.abs().max()))
     xp = F.pad(x, (pad, pad, pad, pad))  # (B, C, H + 2p, W + 2p)
     rows = torch.arange(h, device=x.device)[None, :] - shift_y[:, None] + pad  # (B, H)
     cols = torch.arange(w, device=x.device)[None, :] - shift_x[:, None] + pad  # (B, W)

@@ -69,13 +69,15 @@ class AutoencoderLoss(nn.Module):
             )
         self.discriminator: NLayerDiscriminator | DinoDiscriminator | None = None
         if config.gan > 0:
-            self.discriminator = _build_discriminator(config, foundation, foundation_pretrained)
+            self.discriminator = _build_discriminator(config, foundation, foundation_pretrained, shapes_only)
         self.foundation: FoundationModel | None = None
         self.vf: VFLoss | None = None
         self.repa: RepaLoss | None = None
         if config.vf.enabled or config.repa.enabled:  # one foundation model (and one forward) for both
             fcfg = foundation or FoundationConfig()
-            self.foundation = FoundationModel.from_config(fcfg, pretrained=foundation_pretrained)
+            self.foundation = FoundationModel.from_config(
+                fcfg, pretrained=foundation_pretrained, shapes_only=shapes_only
+            )
         if config.vf.enabled:
             if latent_channels is None:
                 raise ValueError(
@@ -275,13 +277,17 @@ class AutoencoderLoss(nn.Module):
         return self.augment(x), self.augment(x_hat)
 
 
-def _build_discriminator(config: LossConfig, foundation: FoundationConfig | None, pretrained: bool) -> nn.Module:
+def _build_discriminator(
+    config: LossConfig, foundation: FoundationConfig | None, pretrained: bool, shapes_only: bool = False
+) -> nn.Module:
     d = config.disc
     if d.type == "patch":
         return NLayerDiscriminator(3, width=d.width, n_layers=d.layers, norm=d.norm)
     # The trunk's weights follow the run's foundation policy (require_pretrained), from disc.trunk_path or the caches.
     need = (foundation or FoundationConfig()).require_pretrained
-    trunk = FoundationModel(d.trunk, pretrained=pretrained, path=d.trunk_path, require_pretrained=need)
+    trunk = FoundationModel(
+        d.trunk, pretrained=pretrained, path=d.trunk_path, require_pretrained=need, shapes_only=shapes_only
+    )
     return DinoDiscriminator(trunk, d.trunk_layers, width=d.width, norm=d.norm, input_size=d.input_size)
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from dcae_train.losses.config import FoundationConfig
 from dcae_train.pretrained import DINOV2, FrozenModule, resolve_unpinned
@@ -58,13 +59,17 @@ class FoundationModel(FrozenModule):
         require_pretrained: bool = True,
         layer: int = -1,
         input_size: int | None = None,
+        shapes_only: bool = False,
     ) -> None:
+        """`shapes_only=True`: built inside the caller's FakeTensorMode for cost estimates (`dcae_train.cost`): the
+        ViT's shapes without its values; no weight file is looked for."""
         super().__init__()
         if name not in TIMM_ARCHS:
             raise ValueError(f"foundation model {name!r} is not known; use one of {', '.join(TIMM_ARCHS)}")
         self.name, self.layer, self.input_size = name, layer, input_size
-        file, self.digest = _find_weights(name, path, sha256, require_pretrained) if pretrained else (None, None)
-        self.vit = _build(name)
+        want = pretrained and not shapes_only
+        file, self.digest = _find_weights(name, path, sha256, require_pretrained) if want else (None, None)
+        self.vit = _build_shapes(name) if shapes_only else _build(name)
         if file is not None:
             self.vit.load_state_dict(_read_state(file, self.vit), strict=True)
         self.pretrained = file is not None
@@ -78,10 +83,13 @@ class FoundationModel(FrozenModule):
         self.freeze()
 
     @classmethod
-    def from_config(cls, cfg: FoundationConfig, *, pretrained: bool = True) -> FoundationModel:
+    def from_config(
+        cls, cfg: FoundationConfig, *, pretrained: bool = True, shapes_only: bool = False
+    ) -> FoundationModel:
         return cls(
             cfg.model, pretrained=pretrained, path=cfg.path, sha256=cfg.sha256,
             require_pretrained=cfg.require_pretrained, layer=cfg.layer, input_size=cfg.input_size,
+            shapes_only=shapes_only,
         )  # fmt: skip
 
     @torch.no_grad()
@@ -114,6 +122,24 @@ def _build(name: str) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_RANDOM_SEED)
         return timm.create_model(TIMM_ARCHS[name], pretrained=False, dynamic_img_size=True, num_classes=0)
+
+
+def _build_shapes(name: str) -> nn.Module:
+    """The ViT on the caller's fake tensors. timm's constructor reads Python floats out of a tensor (its drop-path
+    rates, `.item()`), which fake tensors cannot give, so it is built on the meta device with the fake mode off
+    (no values, no time) and its parameters and buffers are then made fake CPU tensors of the same shapes."""
+    import timm
+
+    with unset_fake_temporarily(), torch.device("meta"):
+        vit = timm.create_model(TIMM_ARCHS[name], pretrained=False, dynamic_img_size=True, num_classes=0)
+    for m in vit.modules():  # torch.empty under the caller's fake mode: a fake tensor (fake modes refuse meta inputs)
+        for key, p in m._parameters.items():
+            if p is not None:
+                m._parameters[key] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+        for key, b in m._buffers.items():
+            if b is not None:
+                m._buffers[key] = torch.empty(b.shape, dtype=b.dtype)
+    return vit
 
 
 def _find_weights(name: str, path, sha256: str | None, require_pretrained: bool):

@@ -41,6 +41,8 @@ def r1_penalty(discriminator: nn.Module, x: torch.Tensor) -> torch.Tensor:
     memory-efficient) have no double backward, so the DINO discriminator's ViT runs on the math kernel here."""
     with torch.autocast(device_type=x.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
         x = x.detach().float().requires_grad_(True)
-        logits = discriminator(x).float()
+        # D sees a view of x, not the leaf itself: same values and gradient, and module hooks that follow autograd
+        # (FlopCounterMode's, which the cost command and its tests use) cannot handle a leaf module input in grad()
+        logits = discriminator(x.view_as(x)).float()
         (grad,) = torch.autograd.grad(logits.sum(), x, create_graph=True)  # the penalty's own gradient reaches D
     return grad.pow(2).flatten(1).sum(dim=1).mean()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -141,28 +141,8 @@ class AutoencoderModule(L.LightningModule):
             self._log_train(logs, zs[-1], x, opts[0])
 
     def _generator_loss(self, x, zs: list, x_hats: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
-        """The phase's generator loss, averaged over the reconstructions of the step's latent prefixes [ours]:
-        DC-Gen's autoencoder loss is not published; the unweighted mean is what its diffusion trainer does over
-        prefixes, and it gives every prefix the gradient scale of a whole phase."""
-        last = self.model.last_trainable_layer() if self.loss.gan_active(step) else None
-        extra: dict[str, Any] = {}
-        if self.loss.foundation is not None:  # the foundation features of x once, for every prefix and loss
-            extra["features"] = self.loss.foundation_features(x, tuple(zs[0].shape[-2:]))
-        if self.loss.vf is not None:
-            extra["encoder_last_layer"] = self.model.encoder_last_layer()
         hidden, self._hidden = self._hidden, []
-        if self.loss.repa is not None and len(hidden) == 1:
-            hidden = hidden * len(x_hats)  # an encoder stage: one body pass for every prefix
-        parts = [
-            self.loss.generator_loss(
-                x, x_hat, step=step, last_layer=last, z=z, hidden=hidden[i] if hidden else None, **extra
-            )
-            for i, (z, x_hat) in enumerate(zip(zs, x_hats, strict=True))
-        ]
-        if len(parts) == 1:
-            return parts[0]
-        loss = torch.stack([p[0] for p in parts]).mean()
-        return loss, {k: torch.stack([p[1][k] for p in parts]).mean() for k in parts[0][1]}
+        return generator_loss(self.model, self.loss, x, zs, x_hats, step=step, hidden=hidden)
 
     def _discriminator_step(self, opt_d, sched_d, x, x_hat, step: int) -> dict[str, torch.Tensor]:
         with self.toggled_optimizer(opt_d):
@@ -290,6 +270,39 @@ class AutoencoderModule(L.LightningModule):
         self.nonfinite.total = CheckpointMeta.from_dict(checkpoint[META_KEY]).nonfinite_total
         if RNG_KEY in checkpoint:
             set_rng_state(checkpoint[RNG_KEY])
+
+
+def generator_loss(
+    model: DCAE,
+    loss: AutoencoderLoss,
+    x: torch.Tensor,
+    zs: list,
+    x_hats: list[torch.Tensor],
+    *,
+    step: int,
+    hidden: Sequence[torch.Tensor] = (),
+) -> tuple[torch.Tensor, dict]:
+    """The phase's generator loss, averaged over the reconstructions of the step's latent prefixes [ours]:
+    DC-Gen's autoencoder loss is not published; the unweighted mean is what its diffusion trainer does over
+    prefixes, and it gives every prefix the gradient scale of a whole phase. `hidden`: the REPA stage's outputs of
+    this step. A function of its own, so the cost command (`dcae_train.cost.train_step`) runs this very code."""
+    last = model.last_trainable_layer() if loss.gan_active(step) else None
+    extra: dict[str, Any] = {}
+    if loss.foundation is not None:  # the foundation features of x once, for every prefix and loss
+        extra["features"] = loss.foundation_features(x, tuple(zs[0].shape[-2:]))
+    if loss.vf is not None:
+        extra["encoder_last_layer"] = model.encoder_last_layer()
+    hidden = list(hidden)
+    if loss.repa is not None and len(hidden) == 1:
+        hidden = hidden * len(x_hats)  # an encoder stage: one body pass for every prefix
+    parts = [
+        loss.generator_loss(x, x_hat, step=step, last_layer=last, z=z, hidden=hidden[i] if hidden else None, **extra)
+        for i, (z, x_hat) in enumerate(zip(zs, x_hats, strict=True))
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    total = torch.stack([p[0] for p in parts]).mean()
+    return total, {k: torch.stack([p[1][k] for p in parts]).mean() for k in parts[0][1]}
 
 
 def _optimizer_and_schedule(params, cfg: OptimizerConfig, max_steps: int):
