@@ -274,7 +274,9 @@ def count_step(cfg: TrainConfig, *, step: int, width: float | None = None) -> tu
 # DINO discriminator's trunk is counted inside DinoDiscriminator, the foundation model's ViT inside FoundationModel).
 # The VF and REPA losses are not among them: their projectors are a fraction of a GFLOP, and the module tracker
 # files part of the encoder's backward under VFLoss (autograd reaches the encoder through z while VFLoss's
-# backward is still open), so the autoencoder's share keeps them.
+# backward is still open), so the autoencoder's share keeps them. The same tracker files part of R1's double
+# backward outside the discriminator (about 2 GFLOP per image of sana-1.1's phase 3 with phases.p3.loss.r1=1.0, in
+# the autoencoder's share); the step's total is exact either way.
 LOSS_NETS = ("LPIPS", "NLayerDiscriminator", "DinoDiscriminator", "FoundationModel")
 
 
