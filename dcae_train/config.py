@@ -43,7 +43,7 @@ class TrainConfig:
     recipe: str = "quickstart"  # the recipe's name: runs go to <runs_dir>/<recipe>/phase<N>/<time>
     phase: int = 1  # 1 | 2 | 3: which of the recipe's phases.p<N> runs
     seed: int = 0  # seeds weights, data order and augmentation
-    init_from: str | None = None  # weights only: checkpoint | diffusers dir | original .safetensors | HF id | auto
+    init_from: str | None = None  # weights: checkpoint | diffusers dir (+ exported D) | original file | HF id | auto
     init_discriminator: str | None = None  # phase 3: start D from an exported discriminator (folder/.safetensors/.ckpt)
     init_ema: bool = True  # take the EMA weights of a parent checkpoint when it has them
     resume: str | None = None  # auto | path to a checkpoint of this recipe and phase (full state, same run)

@@ -1,5 +1,5 @@
 """Shareable phase 3: `export --with-discriminator` writes the discriminator beside the autoencoder, and a new
-phase-3 run started with `init_discriminator=` holds exactly those weights."""
+phase-3 run started with `init_discriminator=` (or `init_from=` that folder alone) holds exactly those weights."""
 
 from __future__ import annotations
 
@@ -59,6 +59,16 @@ def test_export_with_discriminator_then_continue_phase3_with_identical_weights(t
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
     assert run.module.loss.lecam.ema_real.item() == pytest.approx(float(ckpt["loss.lecam.ema_real"]))
     assert run.module.meta.discriminator["init_from"] == str(out)
+    # init_from= the shared folder alone: the autoencoder and the discriminator both come from it
+    cfg = compose([f"runs_dir={tmp_path / 'runs2'}", *SMOKE, f"init_from={out}", "phases.p3.loss.lecam=0.1"])
+    run = build_run(cfg)
+    got = run.module.loss.discriminator.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    assert run.module.meta.discriminator["init_from"] == str(out)
+    ae = torch.load(phase3_ckpt, weights_only=True, map_location="cpu")["state_dict"]
+    ema = {k.removeprefix("ema."): v for k, v in ae.items() if k.startswith("ema.")}  # export writes the EMA copy
+    mine = run.module.model.state_dict()
+    assert ema.keys() == mine.keys() and all(torch.equal(mine[k], ema[k]) for k in mine)
     # the autoencoder export itself holds no discriminator
     from safetensors import safe_open
 

@@ -37,6 +37,7 @@ from dcae_train.training.ranks import RankReport
 from dcae_train.training.tracking import build_wandb_logger, save_wandb_id, wandb_run_id
 from dcae_train.weights import load_model
 from dcae_train.weights.checkpoint import CheckpointMeta
+from dcae_train.weights.discriminator import WEIGHTS_FILE as DISCRIMINATOR_WEIGHTS
 from dcae_train.weights.discriminator import check_architecture, load_discriminator_state, read_discriminator
 
 ENV_RESOLVED = "DCAE_TRAIN_RESOLVED"  # set by rank 0 for processes Lightning relaunches (DDP children)
@@ -69,10 +70,11 @@ def build_run(cfg_in: DictConfig | TrainConfig) -> Run:
         phase.loss, cfg.perceptual, foundation=cfg.foundation, latent_channels=model.latent_channels,
         repa_channels=model.feature_channels(repa.where, repa.stage) if repa.enabled else None,
     )  # fmt: skip
+    disc_source = cfg.init_discriminator or _shared_discriminator(paths)
     meta = CheckpointMeta(
         model.config.to_dict(), cfg.model.variant, float(model.scaling_factor), cfg.phase, cfg.recipe,
         parent=paths["init_from"], lpips_pretrained=loss.perceptual.pretrained if loss.perceptual else True,
-        foundation=_foundation_record(loss), discriminator=_init_discriminator(loss, phase, cfg.init_discriminator),
+        foundation=_foundation_record(loss), discriminator=_init_discriminator(loss, phase, disc_source),
     )  # fmt: skip
     module = AutoencoderModule(
         model, loss, phase, meta=meta, max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
@@ -93,6 +95,16 @@ def build_run(cfg_in: DictConfig | TrainConfig) -> Run:
     if trainer.is_global_zero:  # every file of the run folder is written by global rank 0 only
         save_run_config(cfg, run_dir, meta, wandb_id if len(trainer.loggers) > 1 else None)
     return Run(cfg, phase, run_dir, trainer, module, datamodule, paths["resume"], preemption)
+
+
+def _shared_discriminator(paths: dict[str, Any]) -> str | None:
+    """init_from= an export folder written with --with-discriminator: its discriminator too (a phase-3 run that
+    continues someone's warmed-up D gives just that folder); init_discriminator= names another source instead."""
+    init_from = paths["init_from"]
+    if paths["resume"] or not init_from or not (Path(init_from) / DISCRIMINATOR_WEIGHTS).is_file():
+        return None
+    print(f"init_from={init_from}: loading its {DISCRIMINATOR_WEIGHTS} too (init_discriminator= to use another)")
+    return str(init_from)
 
 
 def _init_discriminator(loss: AutoencoderLoss, phase: PhaseConfig, source: str | None) -> dict[str, Any] | None:
