@@ -7,7 +7,7 @@ Public entry points:
   `.safetensors`, one of our checkpoints or a Hugging Face repo id -> `DCAE`.
 - `dcae_train.export_diffusers(model, out_dir, dtype=None)`, `dcae_train.export_original(model, path)`.
 - `python -m dcae_train`: training (`dcae_train.cli`); `python -m dcae_train.evaluate`, `.latent_stats`,
-  `.export`, `.reconstruct`: the tools.
+  `.export`, `.reconstruct`, `.encode_dataset` (latent shards for diffusion training): the tools.
 """
 
 from dcae_train.models import DCAE, VARIANTS, DCAEConfig, build_model

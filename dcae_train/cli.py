@@ -21,6 +21,7 @@ from dcae_train.data.webdataset import NoUsableDataError, message_of
 from dcae_train.training.checkpoint import latest_good_checkpoint, stored_step
 from dcae_train.training.faults import EXIT_PREEMPTED, Preempted, PreemptionSignals, preemption_signals
 from dcae_train.training.module import NonFiniteLossError
+from dcae_train.training.ranks import is_lost_rank
 from dcae_train.training.run import Run, build_run
 
 USAGE = """usage: python -m dcae_train [recipe=NAME] [phase=1|2|3] [key=value ...]
@@ -40,6 +41,7 @@ USAGE = """usage: python -m dcae_train [recipe=NAME] [phase=1|2|3] [key=value ..
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
 EXIT_ABORTED = 130  # a second Ctrl-C: the shell's code for "ended by SIGINT"
+EXIT_RANK_LOST = 4  # not 75: a rank that crashes on every start must not requeue a SLURM job forever
 
 # Lightning warnings that describe what we do on purpose (frozen modules in eval, checkpoints after the
 # optimizer step, our config files in the run folder before the CSV logger starts).
@@ -107,6 +109,11 @@ def _train(argv: Sequence[str], signals: PreemptionSignals) -> int:
     except NoUsableDataError as err:  # raised in a DataLoader worker: our line, without the worker's traceback
         print(f"error: {message_of(err)}", file=sys.stderr)
         return EXIT_CONFIG
+    except Exception as err:
+        if run.trainer.world_size == 1 or not is_lost_rank(err):
+            raise
+        print(lost_rank_message(run, err), file=sys.stderr)
+        return EXIT_RANK_LOST
 
 
 def _kept_checkpoint(run: Run) -> str:
@@ -126,6 +133,16 @@ def _information(argv: Sequence[str]) -> str | None:
     if "--help-config" in argv:
         return help_text(markdown="--markdown" in argv)
     return None
+
+
+def lost_rank_message(run: Run, err: BaseException) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (
+        f"error: rank {run.trainer.global_rank} lost contact with the other ranks at step {run.trainer.global_step} "
+        f"(a node failed, was killed, or did not answer within trainer.collective_timeout_s="
+        f"{run.cfg.trainer.collective_timeout_s} s): {first}\nThe newest checkpoint is kept in "
+        f"{run.run_dir / 'checkpoints'}; start every node again with the same command plus resume=auto."
+    )
 
 
 def fit(run: Run) -> int:

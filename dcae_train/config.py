@@ -27,7 +27,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from dcae_train.data.config import DataConfig
 from dcae_train.evaluation.config import EvaluationConfig
-from dcae_train.losses.config import PerceptualConfig
+from dcae_train.losses.config import FoundationConfig, PerceptualConfig
 from dcae_train.models.options import ModelConfig
 from dcae_train.models.variants import variant_config
 from dcae_train.schema import ConfigError, KeyInfo, UnknownKeyError, build, config_keys, key_paths, require
@@ -43,7 +43,8 @@ class TrainConfig:
     recipe: str = "quickstart"  # the recipe's name: runs go to <runs_dir>/<recipe>/phase<N>/<time>
     phase: int = 1  # 1 | 2 | 3: which of the recipe's phases.p<N> runs
     seed: int = 0  # seeds weights, data order and augmentation
-    init_from: str | None = None  # weights only: checkpoint | diffusers dir | original .safetensors | HF id | auto
+    init_from: str | None = None  # weights: checkpoint | diffusers dir (+ exported D) | original file | HF id | auto
+    init_discriminator: str | None = None  # phase 3: start D from an exported discriminator (folder/.safetensors/.ckpt)
     init_ema: bool = True  # take the EMA weights of a parent checkpoint when it has them
     resume: str | None = None  # auto | path to a checkpoint of this recipe and phase (full state, same run)
     runs_dir: str = "runs"  # runs go to <runs_dir>/<recipe>/phase<N>/<time>
@@ -54,6 +55,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)  # devices, nodes, precision
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # wandb (metrics.csv and PNGs are always written)
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)  # where the LPIPS trunk comes from
+    foundation: FoundationConfig = field(default_factory=FoundationConfig)  # the DINOv2 of the alignment losses
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)  # protocol metrics during training
     phases: Phases = field(default_factory=Phases)  # the three phases of the recipe
 
@@ -66,6 +68,9 @@ class TrainConfig:
                 self.resume,
                 "continues a run (full state); init_from= starts a new one from weights: give one",
             )
+        if self.init_discriminator and (self.resume or self.phase_config.loss.gan <= 0):
+            why = "resume= restores the discriminator itself" if self.resume else "this phase has no GAN (loss.gan=0)"
+            raise ConfigError("init_discriminator", self.init_discriminator, f"not with {why}")
         self._check_phase()
 
     def _check_phase(self) -> None:
@@ -78,6 +83,10 @@ class TrainConfig:
                 raise ConfigError(f"{p}.{name}", res, rule, lo)
         self._check_prefixes(f"{p}.latent_prefixes.channels", phase.latent_prefixes.channels, end=True)
         self._check_prefixes("evaluation.latent_channels", self.evaluation.latent_channels, end=False)
+        repa, stages = phase.loss.repa, variant_config(self.model.variant).num_stages
+        if repa.enabled and repa.stage >= stages:
+            rule = f"model.variant={self.model.variant} has {repa.where} stages 0..{stages - 1}"
+            raise ConfigError(f"{p}.loss.repa.stage", repa.stage, rule, stages // 2)
         if self.phase == 3 and phase.loss.gan <= 0:
             raise ConfigError(
                 f"{p}.loss.gan", phase.loss.gan, "phase 3 (local refinement) trains with a GAN loss: set it > 0", 0.5

@@ -37,10 +37,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Arguments ----------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dcae_train.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="our .ckpt, diffusers dir, original .safetensors, HF id or variant")
-    p.add_argument("--raw", action="store_true", help="our checkpoints: evaluate the raw weights, not the EMA copy")
-    p.add_argument("--random-init", action="store_true", help="--model is a variant name: random weights (benchmarks)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --random-init weights")
+    add_model_args(p)
     p.add_argument("--data", required=True, help="image folder, folder of .tar shards, or a shard pattern")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
@@ -129,6 +126,14 @@ def setup_ranks(device_arg: str) -> Ranks:
 
 
 # Model --------------------------------------------------------------------------------------------------
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model, --raw, --random-init, --seed: what every tool that reads a model takes (see `load_eval_model`)."""
+    p.add_argument("--model", required=True, help="our .ckpt, diffusers dir, original .safetensors, HF id or variant")
+    p.add_argument("--raw", action="store_true", help="our checkpoints: the raw weights, not the EMA copy")
+    p.add_argument("--random-init", action="store_true", help="--model is a variant name: random weights (benchmarks)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-init weights")
+
+
 def load_eval_model(source: str, ema: bool, random_init: bool, seed: int = 0) -> DCAE:
     if random_init:
         if source not in VARIANTS:

@@ -6,15 +6,19 @@ SOURCE is anything `dcae_train.load_model` takes: a variant name, a diffusers fo
 `model.safetensors` (or its folder), one of our `.ckpt` training checkpoints, or a Hugging Face repo id.
 `--format diffusers` (default) writes a folder for `diffusers.AutoencoderDC.from_pretrained(OUT_DIR)`
 (`variant="bf16"` for `--dtype bf16`); `--format original` writes `OUT_DIR/model.safetensors` + `config.json`
-in the efficientvit/DC-Gen layout.
+in the efficientvit/DC-Gen layout. `--with-discriminator` (SOURCE: a phase-3 `.ckpt`) also writes
+`discriminator.safetensors` + `discriminator.json` into OUT_DIR, for a phase-3 run of someone else to continue
+from (`init_discriminator=OUT_DIR`); the autoencoder files never contain it.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from dcae_train.weights import WeightsError, export_diffusers, export_original, load_model
+from dcae_train.weights.discriminator import export_discriminator
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,6 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scaling-factor", type=float, default=None, help="override the latent scaling factor")
     p.add_argument("--variant", default=None, help="released variant of an original checkpoint (e.g. in vs mix)")
     p.add_argument("--raw", action="store_true", help="from our checkpoints: the raw weights instead of the EMA")
+    p.add_argument(
+        "--with-discriminator", action="store_true", help="from a phase-3 .ckpt: also write its discriminator"
+    )
     return p.parse_args(argv)
 
 
@@ -39,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.scaling_factor is not None:
                 model.config = model.config.replace(scaling_factor=args.scaling_factor)
             out = export_original(model, args.out_dir, dtype=args.dtype)
+        disc = _export_discriminator(args) if args.with_discriminator else None
     except (WeightsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -48,7 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"wrote {args.format} {args.dtype} weights of {name} ({n / 1e6:.1f}M parameters, scaling_factor={sf}) to {out}"
     )
+    if disc is not None:
+        print(f"wrote the discriminator to {disc} (continue phase 3 from it with init_discriminator={disc.parent})")
     return 0
+
+
+def _export_discriminator(args: argparse.Namespace) -> Path:
+    if not str(args.source).endswith(".ckpt"):
+        raise ValueError(f"--with-discriminator needs a phase-3 training checkpoint (.ckpt), got {args.source}")
+    out = Path(args.out_dir)
+    return export_discriminator(args.source, out.parent if out.suffix == ".safetensors" else out)
 
 
 if __name__ == "__main__":

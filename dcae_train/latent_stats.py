@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dcae_train.evaluate import DTYPES, channel_list, check_prefixes, load_eval_model, setup_ranks
+from dcae_train.evaluate import DTYPES, add_model_args, channel_list, check_prefixes, load_eval_model, setup_ranks
 from dcae_train.evaluation.data import eval_loader, resolve_data
 from dcae_train.evaluation.evaluator import note_skipped
 from dcae_train.evaluation.latents import LatentAccumulator
@@ -97,10 +97,7 @@ def write_scaling_factor(target: Path, scaling_factor: float) -> Path:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dcae_train.latent_stats", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="our .ckpt, diffusers dir, original .safetensors, HF id or variant")
-    p.add_argument("--raw", action="store_true", help="our checkpoints: the raw weights, not the EMA copy")
-    p.add_argument("--random-init", action="store_true", help="--model is a variant name: random weights")
-    p.add_argument("--seed", type=int, default=0)
+    add_model_args(p)
     p.add_argument("--data", required=True, help="image folder, folder of .tar shards, or a shard pattern")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)

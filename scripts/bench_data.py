@@ -39,7 +39,7 @@ from dcae_train.data.webdataset import (  # noqa: E402
     StreamLoader,
     TrainStream,
     _endless_samples,
-    _worker,
+    worker_slot,
 )
 
 PHOTO_SIZES = [(4032, 3024), (3000, 2000), (2048, 1536), (1600, 1200)]  # phone, DSLR, web-sized photos
@@ -79,7 +79,7 @@ class NaiveStream(IterableDataset):
     def __iter__(self):
         import torchvision.transforms as T
 
-        worker, num_workers = _worker()
+        worker, num_workers = worker_slot()
         tf = T.Compose([T.Resize(self.resolution), T.CenterCrop(self.resolution), T.RandomHorizontalFlip(),
                         T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])  # fmt: skip
         urls = self.urls[worker::num_workers] if len(self.urls) >= num_workers else self.urls

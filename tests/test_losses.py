@@ -309,7 +309,7 @@ def test_discriminator_loss_trains_only_d(gan_loss):
     head, x = TinyDecoderHead(), images()
     x_hat = head(x)
     d_loss, logs = gan_loss.discriminator_loss(x, x_hat, step=2)
-    assert set(logs) == {"loss_disc", "logits_real", "logits_fake"}
+    assert set(logs) == {"loss_disc", "logits_real", "logits_fake", "disc_accuracy", "loss_disc_total"}
     assert d_loss.dtype == torch.float32 and torch.isfinite(d_loss)
     gan_loss.discriminator.zero_grad()
     d_loss.backward()

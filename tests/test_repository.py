@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "dcae_train"
-OPTIONAL_HEAVY = ("wandb", "matplotlib")  # imported where they are used, so the rest never pays for them
+OPTIONAL_HEAVY = ("wandb", "matplotlib", "timm")  # imported where they are used, so the rest never pays for them
 TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".sh", ".cfg", ".txt"}
 SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "runs", "outputs", "build", "dist",
              "dcae_train.egg-info"}  # fmt: skip
@@ -124,7 +124,8 @@ _REF = re.compile(r"(?<![\w/.:-])((?:\.\./|\./)?(?:[\w.-]+/)*[\w-]+\.(?:md|py|ya
 _URL = re.compile(r"\w+://\S+")
 
 
-OUTPUT_NAMES = {"eval.md", "config.yaml", "config.resumed.yaml"}  # files our tools write, named in the docs
+# Files our tools write, named in the docs; sitecustomize.py: Python's start-up hook, which a test helper writes.
+OUTPUT_NAMES = {"eval.md", "config.yaml", "config.resumed.yaml", "sitecustomize.py"}
 # Files of other projects that the docs cite by name (the project is named beside each mention).
 UPSTREAM_FILES = {
     "eval_dc_ae_model.py": "mit-han-lab/efficientvit",
@@ -133,6 +134,10 @@ UPSTREAM_FILES = {
     "scripts/convert_dcae_to_diffusers.py": "huggingface/diffusers",
     "convert_dcae_to_diffusers.py": "huggingface/diffusers",
     "train_autoencoderkl.py": "huggingface/diffusers",
+    "diffusion/data/datasets/utils.py": "NVlabs/Sana",
+    "f16d32_vfdinov2.yaml": "hustvl/LightningDiT",
+    "foundation_models.py": "hustvl/LightningDiT",
+    "vavae/ldm/modules/losses/contperceptual.py": "hustvl/LightningDiT",
 }
 
 

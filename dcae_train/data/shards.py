@@ -3,6 +3,9 @@
 Samples are `<key>.<jpg|png|webp>` + `<key>.json` (source path and size). Keys are zero-padded indices
 (a dot in a key would split the sample in WebDataset's grouper). Encoded bytes are stored as they are unless
 the image must be downscaled or is in another format (then re-encoded: JPEG q95, or PNG when it has alpha).
+
+Also the atomic writers every tool here uses: `ShardWriter` (a tar written to `<name>.tmp`, fsynced, renamed) and
+`write_atomic` (one file, the same way).
 """
 
 from __future__ import annotations
@@ -71,13 +74,78 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
+# Atomic files ---------------------------------------------------------------------------------------
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the renames inside `folder` durable (a crash after os.replace could otherwise undo them)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, payload: bytes, *, replace: bool = True) -> bool:
+    """Write `payload` to `path` via a temporary name in the same folder, fsync, rename: whoever reads `path`,
+    even after a crash, sees the old file or the new one, never a part. Concurrent writers do not collide.
+
+    `replace=False` keeps an existing file (a hard link, unlike a rename, fails when the name exists): returns
+    whether this call wrote it.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    written = True
+    if replace:
+        os.replace(tmp, path)
+    else:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            written = False
+        tmp.unlink()
+    fsync_dir(path.parent)
+    return written
+
+
+class ShardWriter:
+    """A tar shard written member by member to `<path>.tmp` and renamed to `<path>` by `commit()`, so a shard under
+    its final name is always complete. Members get fixed metadata: the same members give the same bytes."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        # Both stay open across calls (a shard outlives any with-block); commit() or abort() closes them.
+        self._file = open(self.tmp, "wb")  # noqa: SIM115
+        self._tar = tarfile.open(fileobj=self._file, mode="w")  # noqa: SIM115
+
+    def add(self, name: str, payload: bytes) -> None:
+        _add(self._tar, name, payload)
+
+    def commit(self) -> None:
+        self._tar.close()  # writes the end-of-archive blocks; the file object stays open for the fsync
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        self._tar.close()
+        self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 def _write_shard(path: Path, samples: list[tuple[str, bytes, str, dict]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w") as tar:
-        for key, data, ext, meta in samples:
-            _add(tar, f"{key}.{ext}", data)
-            _add(tar, f"{key}.json", json.dumps(meta).encode())
-    os.replace(tmp, path)  # a reader never sees a half-written shard
+    writer = ShardWriter(path)
+    for key, data, ext, meta in samples:
+        writer.add(f"{key}.{ext}", data)
+        writer.add(f"{key}.json", json.dumps(meta).encode())
+    writer.commit()  # a reader never sees a half-written shard
 
 
 def write_shards(
@@ -116,12 +184,8 @@ def write_shards(
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(items)
     report = _write_all(items, out, samples_per_shard, prefix, max_side, progress)
-    (out / "manifest.json").write_text(
-        json.dumps(
-            {"pattern": report.pattern, "total": report.total, "shards": report.shards, "skipped": report.skipped},
-            indent=1,
-        )
-    )
+    summary = {"pattern": report.pattern, "total": report.total, "shards": report.shards, "skipped": report.skipped}
+    write_atomic(out / "manifest.json", json.dumps(summary, indent=1).encode())
     return report
 
 

@@ -66,6 +66,8 @@ def open_checked(data: bytes, spec: TransformSpec) -> Image.Image:
             im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise BadSample("too_many_pixels", str(e)) from None
+    except Image.UnidentifiedImageError:  # its message names the buffer's memory address: same bytes, other text
+        raise BadSample("undecodable", "UnidentifiedImageError: not an image format PIL can identify") from None
     except Exception as e:  # PIL raises many types for unparseable bytes
         raise BadSample("undecodable", f"{type(e).__name__}: {e}") from None
     w, h = im.size
@@ -137,15 +139,19 @@ def plan_crop(w: int, h: int, spec: TransformSpec, rng: random.Random) -> tuple[
     return rng.uniform(0, w - side), rng.uniform(0, h - side), side
 
 
-def _draft(im: Image.Image, side: float, spec: TransformSpec) -> int:
-    """Ask libjpeg for a reduced-scale decode that keeps the crop >= R pixels; return the divisor applied."""
-    if not spec.fast_decode or im.format != "JPEG" or side < 2 * spec.resolution:
+def draft(im: Image.Image, shrink: float) -> int:
+    """Ask libjpeg for a reduced-scale decode (1/2, 1/4 or 1/8) of an image that will be shrunk by `shrink` (source
+    pixels per output pixel), never below the output's resolution; return the divisor applied (1: none)."""
+    if im.format != "JPEG" or shrink < 2:
         return 1
-    w, h = im.size
-    factor = side / spec.resolution  # >= 2: the decoder may shrink by 2, 4 or 8 as long as it stays >= this
-    request = (max(1, math.ceil(w / factor)), max(1, math.ceil(h / factor)))
-    im.draft(None, request)
+    w, h = im.size  # the decoder may shrink by 2, 4 or 8 as long as it stays >= 1 / shrink of the size
+    im.draft(None, (max(1, math.ceil(w / shrink)), max(1, math.ceil(h / shrink))))
     return max(1, round(w / im.size[0]))  # DCT scaling divides both sides by the same 1, 2, 4 or 8
+
+
+def _draft(im: Image.Image, side: float, spec: TransformSpec) -> int:
+    """Reduced-scale decode that keeps the crop >= R pixels; return the divisor applied."""
+    return draft(im, side / spec.resolution) if spec.fast_decode else 1
 
 
 # The whole transform ---------------------------------------------------------------------------------

@@ -103,7 +103,8 @@ class SkipCounter:
         return True
 
 
-def _worker() -> tuple[int, int]:
+def worker_slot() -> tuple[int, int]:
+    """(worker id, number of workers) of the DataLoader worker running this; (0, 1) in the main process."""
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
 
@@ -163,7 +164,7 @@ def _mix(streams: list[Iterator[dict]], weights: list[float], rng: random.Random
         yield next(rng.choices(streams, weights)[0])
 
 
-def _shuffled(samples: Iterable[dict], size: int, rng: random.Random) -> Iterator[dict]:
+def shuffled(samples: Iterable[dict], size: int, rng: random.Random) -> Iterator[dict]:
     """Reservoir-style buffer shuffle: emit a random buffered sample for each one read."""
     buf: list[dict] = []
     for s in samples:
@@ -218,13 +219,13 @@ class TrainStream(IterableDataset):
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker, num_workers = _worker()
+        worker, num_workers = worker_slot()
         rng = random.Random(f"dcae_train/train/{self.seed}/{self.epoch}/{self.rank}/{worker}")
         counter = SkipCounter(f"train rank {self.rank} worker {worker}", self.warn_every_s)
         shards = self.worker_shards(worker, num_workers)
         pass_sizes: list[int] = []
         streams = [_endless_samples(urls, rng, counter, pass_sizes) for urls in shards]
-        samples = _shuffled(_mix(streams, [s.weight for s in self.sources], rng), self.shuffle_buffer, rng)
+        samples = shuffled(_mix(streams, [s.weight for s in self.sources], rng), self.shuffle_buffer, rng)
         batch: list[tuple[torch.Tensor, str, str]] = []
         bad_in_a_row = 0
         for sample in samples:
@@ -267,7 +268,7 @@ class ValStream(IterableDataset):
         return batch_index % self.world_size, (batch_index // self.world_size) % num_workers
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker, num_workers = _worker()
+        worker, num_workers = worker_slot()
         counter = SkipCounter(f"val rank {self.rank} worker {worker}", self.warn_every_s)
         rng = random.Random(0)  # centre crop, no flip: nothing random is drawn; kept for the shared signature
         batch: list[tuple[torch.Tensor, str, str]] = []

@@ -29,15 +29,33 @@ SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
 # ADM centre crop ----------------------------------------------------------------------------------------
+def adm_plan(size: tuple[int, int], res: int) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    """The steps of `adm_center_crop` for an image of `size` (w, h): (number of 2x BOX halvings, (w, h) after the
+    BICUBIC resize, (left, top) of the res x res crop)."""
+    w, h = size
+    halvings = 0
+    while min(w, h) >= 2 * res:  # repeated 2x BOX downsampling: antialiased and cheap
+        w, h, halvings = w // 2, h // 2, halvings + 1
+    scale = res / min(w, h)
+    w, h = round(w * scale), round(h * scale)
+    return halvings, (w, h), ((w - res) // 2, (h - res) // 2)
+
+
 def adm_center_crop(img: Image.Image, res: int) -> Image.Image:
     """PIL image -> res x res RGB, as guided-diffusion's centre crop (the DC-AE evaluation crop)."""
     img = oriented_rgb(img)  # EXIF orientation, 16-bit scaling, transparency: as in training
-    while min(img.size) >= 2 * res:  # repeated 2x BOX downsampling: antialiased and cheap
+    halvings, resized, (left, top) = adm_plan(img.size, res)
+    for _ in range(halvings):
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
-    scale = res / min(img.size)
-    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
-    left, top = (img.size[0] - res) // 2, (img.size[1] - res) // 2
+    img = img.resize(resized, resample=Image.BICUBIC)
     return img.crop((left, top, left + res, top + res))
+
+
+def adm_crop_box(size: tuple[int, int], res: int) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) in the original image's pixels of the region `adm_center_crop` keeps."""
+    _, (w2, h2), (left, top) = adm_plan(size, res)
+    sx, sy = size[0] / w2, size[1] / h2
+    return left * sx, top * sy, (left + res) * sx, (top + res) * sy
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """Running latent statistics: per-channel mean/std, overall mean/std/RMS, and the diffusers scaling factor.
 
 diffusers convention (docs/architecture.md, "Latent scaling"): the diffusion model sees z * scaling_factor, with
-scaling_factor = 1 / RMS(z) and no shift. float64 sums, so batches and ranks merge exactly.
+scaling_factor = 1 / RMS(z) and no shift. float64 sums, so batches and ranks merge exactly; `state()` and
+`from_state()` carry the sums through JSON unchanged (a Python float prints as the shortest string that reads back as
+the same double), so partial results written to disk merge exactly too (`encode_dataset` keeps one per shard).
 """
 
 from __future__ import annotations
@@ -53,6 +55,27 @@ class LatentAccumulator:
         """DC-AE 1.5: {c: 1 / RMS of the first c channels}, the scalar factor a diffusion model on c channels uses."""
         mean_sq = self.total_sq / max(self.count, 1)
         return {c: float(1.0 / mean_sq[:c].mean().sqrt()) for c in prefixes}
+
+    def merge(self, other: LatentAccumulator) -> LatentAccumulator:
+        """Add another accumulator's sums (another shard's or rank's) into this one."""
+        if other.channels != self.channels:
+            raise ValueError(f"cannot merge latent statistics of {other.channels} channels into {self.channels}")
+        self.count += other.count
+        self.total += other.total
+        self.total_sq += other.total_sq
+        return self
+
+    def state(self) -> dict:
+        """The sums as plain numbers (JSON-ready, exact)."""
+        return {"channels": self.channels, "count": self.count, "total": self.total.tolist(),
+                "total_sq": self.total_sq.tolist()}  # fmt: skip
+
+    @classmethod
+    def from_state(cls, state: dict) -> LatentAccumulator:
+        def sums(key: str) -> torch.Tensor:
+            return torch.tensor(state[key], dtype=torch.float64)
+
+        return cls(int(state["channels"]), int(state["count"]), sums("total"), sums("total_sq"))
 
     def summary(self) -> dict:
         if self.count == 0:

@@ -33,7 +33,22 @@ class NLayerDiscriminator(nn.Module):
             channels = out
         layers.append(nn.Conv2d(channels, 1, 4, stride=1, padding=1))  # one logit per patch
         self.main = nn.Sequential(*layers)
-        self.apply(_dcgan_init)
+        self.reset_parameters()
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """DCGAN init of every weight and fresh BatchNorm statistics. With `seed`, drawn on the CPU from that seed,
+        so every DDP rank resets to the same weights (DDP broadcasts them only when it wraps the model)."""
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+        if seed is None:
+            self.apply(_dcgan_init)
+            return
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for m in self.modules():
+                for name, value in _dcgan_draw(m, g).items():
+                    getattr(m, name).copy_(value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images in [-1, 1] -> (B, 1, h, w) patch logits."""
@@ -71,3 +86,13 @@ def _dcgan_init(m: nn.Module) -> None:
     elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
         nn.init.normal_(m.weight, 1.0, 0.02)
         nn.init.zeros_(m.bias)
+
+
+def _dcgan_draw(m: nn.Module, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """The DCGAN init of `m`'s own parameters drawn on the CPU from `g` (empty for other modules)."""
+    if isinstance(m, nn.Conv2d):
+        out = {"weight": torch.randn(m.weight.shape, generator=g) * 0.02}
+        return out | ({"bias": torch.zeros(m.bias.shape)} if m.bias is not None else {})
+    if isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
+        return {"weight": 1 + torch.randn(m.weight.shape, generator=g) * 0.02, "bias": torch.zeros(m.bias.shape)}
+    return {}

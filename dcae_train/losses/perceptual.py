@@ -46,12 +46,16 @@ class LPIPS(FrozenModule):
         require_pretrained: bool = True,
         allow_download: bool = False,
         verify: bool = True,
+        shapes_only: bool = False,
     ) -> None:
+        """`shapes_only=True`: built inside the caller's FakeTensorMode, for FLOP and memory estimates
+        (`dcae_train.cost`): no weight file is read and the per-process cache of real builds is not touched."""
         super().__init__()
         self.net_name = net
         # Resolve the trunk file first: a missing or corrupt file fails before the (slow) network build.
-        state = _trunk_state(net, path, require_pretrained, allow_download, verify) if pretrained else None
-        self.lpips = _build_lpips(net)  # random trunk + the package's linear heads
+        want = pretrained and not shapes_only
+        state = _trunk_state(net, path, require_pretrained, allow_download, verify) if want else None
+        self.lpips = _construct_shapes(net) if shapes_only else _build_lpips(net)  # random trunk + linear heads
         if state is not None:
             self.lpips.net.load_state_dict(_to_slices(state, self.lpips.net), strict=True)
         self.pretrained = state is not None
@@ -99,6 +103,11 @@ def _build_lpips(net: str) -> lpips.LPIPS:
     lp.to_empty(device="cpu")
     lp.load_state_dict(_CONSTRUCTED[net], strict=True)
     return lp
+
+
+def _construct_shapes(net: str) -> lpips.LPIPS:
+    """The network on the caller's fake tensors: the shapes of a real build, no values, no cache entry."""
+    return _construct(net)
 
 
 _CONSTRUCTED: dict[str, dict[str, torch.Tensor]] = {}  # net -> state_dict of the real, seeded construction

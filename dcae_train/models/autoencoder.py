@@ -84,6 +84,32 @@ class DCAE(nn.Module):
         """The weight of the decoder's last trainable conv: where the adaptive GAN weight compares gradients."""
         return self.decoder.last_trainable_weight()
 
+    def encoder_last_layer(self) -> torch.Tensor:
+        """The weight of the encoder's output conv (the latent's last layer): where the adaptive VF weight compares
+        gradients (VA-VAE: `encoder.conv_out.weight`)."""
+        return self.encoder.conv_out.weight
+
+    def feature_module(self, where: str, stage: int) -> nn.Module:
+        """The stage whose output is an intermediate feature (REPA-style alignment): `encoder.down_blocks[stage]`
+        or `decoder.up_blocks[stage]` (the decoder runs its stages deepest first)."""
+        stages = {"encoder": self.encoder.down_blocks, "decoder": self.decoder.up_blocks}[where]
+        if not 0 <= stage < len(stages):
+            raise ValueError(f"{where} stage {stage}: this model's {where} has stages 0..{len(stages) - 1}")
+        return stages[stage]
+
+    def feature_channels(self, where: str, stage: int) -> int:
+        """Channels of `feature_module(where, stage)`'s output, probed with one small no-grad forward."""
+        seen: list[int] = []
+        handle = self.feature_module(where, stage).register_forward_hook(lambda m, i, out: seen.append(out.shape[1]))
+        f = self.spatial_compression_ratio
+        try:
+            with torch.no_grad():
+                p = next(self.parameters())
+                self.decode(self.encode(torch.zeros(1, self.config.in_channels, f, f, device=p.device, dtype=p.dtype)))
+        finally:
+            handle.remove()
+        return seen[0]
+
     def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:
         """The latent a diffusion model sees: encode(x) * scaling_factor."""
         return self.encode(x) * self.scaling_factor

@@ -159,19 +159,21 @@ def runs_newest_first(runs_dir: str | Path, recipe: str, phase: int) -> list[Pat
     return sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True)
 
 
-def find_resume_checkpoint(runs_dir: str | Path, recipe: str, phase: int) -> Path:
-    run, ckpt = resume_target(runs_dir, recipe, phase)
+def find_resume_checkpoint(runs_dir: str | Path, recipe: str, phase: int, prefer: Path | None = None) -> Path:
+    """The checkpoint `resume=auto` continues (see `resume_target`); `prefer`: this launch's own run folder."""
+    run, ckpt = resume_target(runs_dir, recipe, phase, prefer)
     if ckpt is None:
         raise FileNotFoundError(f"resume=auto: the newest run {run} has no checkpoint yet")
     return ckpt
 
 
 def resume_target(
-    runs_dir: str | Path, recipe: str, phase: int, run_dir: str | None = None
+    runs_dir: str | Path, recipe: str, phase: int, run_dir: str | Path | None = None
 ) -> tuple[Path, Path | None]:
     """What `resume=auto` continues: the newest run folder of the recipe and phase (or `run_dir`), from its best
     checkpoint, or from step 0 when it has none yet (stopped before its first one). Never an older run: that
-    one may be finished, and its final.ckpt the parent of later phases."""
+    one may be finished, and its final.ckpt the parent of later phases. `run_dir`: the launch's own folder (run_dir=,
+    or the torchrun / SLURM job's `job-<id>`), so every rank of a relaunched job continues the same run."""
     if run_dir is None:
         runs = runs_newest_first(runs_dir, recipe, phase)
         if not runs:

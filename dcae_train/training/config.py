@@ -177,6 +177,9 @@ class TrainerConfig:
     matmul_precision: str = "high"  # torch.set_float32_matmul_precision: highest | high (TF32) | medium
     progress_bar: bool = True  # Lightning's progress bar
     max_nonfinite_steps: int = 20  # consecutive non-finite steps before the run stops (exit code 3)
+    # Seconds a rank waits in a collective (gradient all-reduce, barrier) for the others before it fails with exit
+    # code 4; [ours] 600: a checkpoint write of the largest variant on slow storage fits; torch's default is 1800
+    collective_timeout_s: int = 600
 
     def __post_init__(self) -> None:
         check_choice("accelerator", self.accelerator, ACCELERATORS)
@@ -185,6 +188,7 @@ class TrainerConfig:
         ok = ok or (isinstance(d, str) and DEVICE_STRING.fullmatch(d) is not None and d.lstrip("-") != "0")
         require(ok and not isinstance(d, bool), "devices", d, "must be >= 1, -1 (all), 'auto' or ids like '0,1'", 1)
         check_at_least(self, ("num_nodes", "max_nonfinite_steps"), 1)
+        check_at_least(self, ("collective_timeout_s",), 10, 600)
         if self.precision not in PRECISIONS:
             raise ConfigError(
                 "precision",

@@ -3,12 +3,13 @@
 Preemption: SIGTERM (what schedulers send before a kill), SIGUSR1 (SLURM's pre-timeout signal with
 `#SBATCH --signal=USR1@90`) and a first SIGINT (Ctrl-C) set a flag; at the next step boundary the run writes a
 checkpoint (atomically, also as last.ckpt), stops cleanly and the process exits with `EXIT_PREEMPTED` (75,
-EX_TEMPFAIL), so a wrapper or SLURM requeue runs `resume=auto` again. A second SIGINT aborts at once. The CLI
-installs the handlers before it builds anything (`preemption_signals()`), so a signal during start-up or the
-start-up validation also ends in 75. Schedulers signal the whole process group: DataLoader workers ignore
-these signals (`dcae_train.data.webdataset.ignore_preemption_signals`) and stop when the main process ends the
-epoch. Under SLURM with Lightning's auto-requeue the job is requeued by Lightning's own SIGUSR1 handler instead
-(docs/troubleshooting.md, docs/training.md).
+EX_TEMPFAIL), so a wrapper runs `resume=auto` again: `scripts/launch_slurm.sh` requeues the job on 75 and the
+requeued job resumes. A second SIGINT aborts at once. The CLI installs the handlers before it builds anything
+(`preemption_signals()`), so a signal during start-up or the start-up validation also ends in 75. Schedulers
+signal the whole process group: DataLoader workers ignore these signals
+(`dcae_train.data.webdataset.ignore_preemption_signals`) and stop when the main process ends the epoch. Under
+SLURM too these handlers own SIGUSR1 (the trainer turns Lightning's own auto-requeue off), so there is one
+preemption path everywhere (docs/troubleshooting.md, docs/training.md).
 
 Fault injection, for the chaos tests only: `DCAE_TRAIN_FAULTS="nan@3,nan@3,sigterm@5,kill@6"` makes the loss of
 the next two batches at step 3 NaN (each entry fires once; a skipped batch does not advance the step), sends
@@ -63,12 +64,12 @@ class PreemptionSignals:
             )
         self.requested = self.requested or name
 
-    def install(self, handle_usr1: bool = True) -> dict[int, Any]:
+    def install(self) -> dict[int, Any]:
         """Point the signals at `handler`; returns the handlers replaced (main thread only, else nothing)."""
         previous: dict[int, Any] = {}
         for name in self.NAMES:
             sig = getattr(signal, name, None)
-            if sig is None or (name == "SIGUSR1" and not handle_usr1):
+            if sig is None:
                 continue
             with contextlib.suppress(ValueError):  # not the main thread: no handler
                 previous[sig] = signal.signal(sig, self.handler)
@@ -78,16 +79,11 @@ class PreemptionSignals:
 SIGNALS = PreemptionSignals()
 
 
-def handles_usr1() -> bool:
-    """Under SLURM, Lightning's auto-requeue owns SIGUSR1 (it saves an hpc checkpoint and requeues the job)."""
-    return "SLURM_JOB_ID" not in os.environ
-
-
 @contextlib.contextmanager
 def preemption_signals() -> Iterator[PreemptionSignals]:
     """Catch preemption signals from here on (the CLI's whole run); the previous handlers come back after."""
     SIGNALS.reset()
-    previous = SIGNALS.install(handles_usr1())
+    previous = SIGNALS.install()
     try:
         yield SIGNALS
     finally:
@@ -102,9 +98,8 @@ def _restore(previous: dict[int, Any]) -> None:
 
 
 class Preemption(L.Callback):
-    def __init__(self, run_dir: Path, *, handle_usr1: bool = True) -> None:
+    def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
-        self.handle_usr1 = handle_usr1
         self.preempted = False  # set on every rank once any rank was signalled: the run stopped to be resumed
         self._previous: dict[int, Any] = {}
 
@@ -115,7 +110,7 @@ class Preemption(L.Callback):
 
     def _take_signals(self) -> None:
         # Lightning installs its own SIGTERM handler when fit/validate starts; ours replace it, so ours decide.
-        previous = SIGNALS.install(self.handle_usr1)
+        previous = SIGNALS.install()
         for sig, prev in previous.items():
             self._previous.setdefault(sig, prev)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -29,6 +29,7 @@ from dcae_train.training.checkpoint import rng_state, set_rng_state
 from dcae_train.training.config import OptimizerConfig, PhaseConfig
 from dcae_train.training.datamodule import ImageDataModule
 from dcae_train.training.ema import EMA
+from dcae_train.training.gan_health import CollapseGuard
 from dcae_train.training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from dcae_train.training.optim import build_adamw, build_schedule, clip_grad_norm, is_fused
 from dcae_train.training.phases import freeze_all_but, select_trainable, set_frozen_norms_eval
@@ -52,7 +53,7 @@ class AutoencoderModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        # LPIPS weights are not saved in our checkpoints (they come from the lpips package).
+        # LPIPS and foundation weights are not saved in our checkpoints (they come from their weight files).
         self.strict_loading = False
         self.model = model
         self.loss = loss
@@ -63,11 +64,36 @@ class AutoencoderModule(L.LightningModule):
 
         self.trainable_names = select_trainable(model, phase.trainable, key=f"phases.p{meta.phase}.trainable")
         freeze_all_but(model, self.trainable_names)
+        if loss.vf is not None and not model.encoder_last_layer().requires_grad:
+            raise ValueError(
+                f"phases.p{meta.phase}.loss.vf.weight={phase.loss.vf.weight}: the VF loss shapes the latent, but the "
+                "encoder's last layer (encoder.conv_out) does not train in this phase; add it to "
+                f"phases.p{meta.phase}.trainable or set phases.p{meta.phase}.loss.vf.weight=0"
+            )
+        guard = phase.loss.collapse
+        self.collapse = CollapseGuard(guard) if loss.discriminator is not None and guard.steps > 0 else None
         self.ema_helper = EMA(phase.ema.decay, phase.ema.warmup_steps) if phase.ema.enabled else None
         self.ema = EMA.make_copy(model) if self.ema_helper else None
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps, flush_every=min(phase.log_every, max_nonfinite_steps))
         self._t_last: float | None = None
         self.inject_nan_loss = False  # set by the chaos-test FaultInjection callback only
+        self._hidden: list[torch.Tensor] = []  # the REPA stage's outputs of this step (after the EMA copy: not copied)
+        if loss.repa is not None:
+            self._hook_repa_stage(phase)
+
+    def _hook_repa_stage(self, phase: PhaseConfig) -> None:
+        r, key = phase.loss.repa, f"phases.p{self.meta.phase}.loss.repa"
+        stage = self.model.feature_module(r.where, r.stage)
+        if not any(p.requires_grad for p in stage.parameters()):
+            raise ValueError(
+                f"{key}.weight={r.weight}: {r.where} stage {r.stage} does not train in this phase, so the alignment "
+                f"would train only its projector; pick a trained stage ({key}.stage) or set {key}.weight=0"
+            )
+        stage.register_forward_hook(self._capture_hidden)
+
+    def _capture_hidden(self, module, inputs, output: torch.Tensor) -> None:
+        if torch.is_grad_enabled():  # training passes only; validation and the EMA never reach here
+            self._hidden.append(output)
 
     # Frozen parts stay frozen -------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -79,7 +105,8 @@ class AutoencoderModule(L.LightningModule):
 
     # Optimizers -------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        pairs = [_optimizer_and_schedule(self.model.parameters(), self.phase.optimizer, self.phase.max_steps)]
+        generator = [*self.model.parameters(), *self.loss.generator_parameters()]  # + the VF projector
+        pairs = [_optimizer_and_schedule(generator, self.phase.optimizer, self.phase.max_steps)]
         if self.loss.discriminator is not None:
             disc = self.loss.discriminator.parameters()
             pairs.append(_optimizer_and_schedule(disc, self.phase.disc_optimizer, self.phase.max_steps))
@@ -94,7 +121,7 @@ class AutoencoderModule(L.LightningModule):
         prefixes = sample_prefixes(self.phase.latent_prefixes, seed=self.seed, step=step, rank=self.global_rank)
         with self.toggled_optimizer(opts[0]):
             zs, x_hats = self.model.reconstruct(x, prefixes)
-            loss, logs = self._generator_loss(x, x_hats, step)
+            loss, logs = self._generator_loss(x, zs, x_hats, step)
             if self.inject_nan_loss:
                 loss, self.inject_nan_loss = loss * float("nan"), False
             grad_norm = self._guarded_step(opts[0], loss, self.phase.optimizer, opts[0].step, step, logs)
@@ -114,16 +141,9 @@ class AutoencoderModule(L.LightningModule):
                 logs["latent_prefix_channels"] = torch.tensor(float(sum(prefixes)) / len(prefixes))
             self._log_train(logs, zs[-1], x, opts[0], step)
 
-    def _generator_loss(self, x, x_hats: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
-        """The phase's generator loss, averaged over the reconstructions of the step's latent prefixes [ours]:
-        DC-Gen's autoencoder loss is not published; the unweighted mean is what its diffusion trainer does over
-        prefixes, and it gives every prefix the gradient scale of a whole phase."""
-        last = self.model.last_trainable_layer() if self.loss.gan_active(step) else None
-        parts = [self.loss.generator_loss(x, x_hat, step=step, last_layer=last) for x_hat in x_hats]
-        if len(parts) == 1:
-            return parts[0]
-        loss = torch.stack([p[0] for p in parts]).mean()
-        return loss, {k: torch.stack([p[1][k] for p in parts]).mean() for k in parts[0][1]}
+    def _generator_loss(self, x, zs: list, x_hats: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
+        hidden, self._hidden = self._hidden, []
+        return generator_loss(self.model, self.loss, x, zs, x_hats, step=step, hidden=hidden)
 
     def _discriminator_step(self, opt_d, sched_d, x, x_hat, step: int) -> dict[str, torch.Tensor]:
         with self.toggled_optimizer(opt_d):
@@ -134,7 +154,27 @@ class AutoencoderModule(L.LightningModule):
             # The raw optimizer's step: Lightning would count this one in global_step (see the module docstring).
             d_norm = self._guarded_step(opt_d, d_loss, self.phase.disc_optimizer, opt_d.optimizer.step, step)
         sched_d.step()
+        if self.collapse is not None:
+            acc = d_logs["disc_accuracy"]
+            if self.trainer.world_size > 1:  # every rank must take the same decision
+                acc = self.trainer.strategy.reduce(acc, reduce_op="mean")
+            if self.collapse.update(acc):
+                self._on_collapse(opt_d, step)
+            d_logs["collapse_trips"] = self.collapse.trips.float()
         return {**d_logs, "grad_norm_disc": d_norm.detach()} if d_norm is not None else d_logs
+
+    def _on_collapse(self, opt_d, step: int) -> None:
+        """The collapse guard tripped: end the run, or start the adversarial game over with a fresh D."""
+        cfg = self.phase.loss.collapse
+        what = f"collapse guard: D accuracy above {cfg.accuracy} for {cfg.steps} steps in a row at step {step}"
+        if cfg.action == "stop":
+            self.trainer.should_stop = True  # the final checkpoint is still written
+            self.print(f"warning: {what}; stopping the run (loss.collapse.action=stop)")
+            return
+        self.loss.reset_discriminator(step)
+        opt_d.optimizer.state.clear()  # the old D's Adam moments would push the fresh one
+        resume = int(self.loss.gan_pause_until)
+        self.print(f"warning: {what}; discriminator reset, the generator sees it again from step {resume}")
 
     def _guarded_step(
         self, opt, loss: torch.Tensor, cfg: OptimizerConfig, step_fn: Callable[[], Any], step: int, logs=None
@@ -218,9 +258,12 @@ class AutoencoderModule(L.LightningModule):
 
     # Checkpoint contents ----------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):
+        """Everything we train (autoencoder, EMA, discriminator, VF projector); not the frozen LPIPS, foundation
+        and DINO-discriminator trunk nets, which come from their weight files."""
         sd = super().state_dict(*args, **kwargs)
         prefix = kwargs.get("prefix", "")
-        for key in [k for k in sd if k.startswith(f"{prefix}loss.perceptual.")]:
+        frozen = (f"{prefix}loss.perceptual.", f"{prefix}loss.foundation.", f"{prefix}loss.discriminator.trunk.")
+        for key in [k for k in sd if k.startswith(frozen)]:
             del sd[key]
         return sd
 
@@ -236,6 +279,39 @@ class AutoencoderModule(L.LightningModule):
         self.nonfinite.total = CheckpointMeta.from_dict(checkpoint[META_KEY]).nonfinite_total
         if RNG_KEY in checkpoint:
             set_rng_state(checkpoint[RNG_KEY])
+
+
+def generator_loss(
+    model: DCAE,
+    loss: AutoencoderLoss,
+    x: torch.Tensor,
+    zs: list,
+    x_hats: list[torch.Tensor],
+    *,
+    step: int,
+    hidden: Sequence[torch.Tensor] = (),
+) -> tuple[torch.Tensor, dict]:
+    """The phase's generator loss, averaged over the reconstructions of the step's latent prefixes [ours]:
+    DC-Gen's autoencoder loss is not published; the unweighted mean is what its diffusion trainer does over
+    prefixes, and it gives every prefix the gradient scale of a whole phase. `hidden`: the REPA stage's outputs of
+    this step. A function of its own, so the cost command (`dcae_train.cost.train_step`) runs this very code."""
+    last = model.last_trainable_layer() if loss.gan_active(step) else None
+    extra: dict[str, Any] = {}
+    if loss.foundation is not None:  # the foundation features of x once, for every prefix and loss
+        extra["features"] = loss.foundation_features(x, tuple(zs[0].shape[-2:]))
+    if loss.vf is not None:
+        extra["encoder_last_layer"] = model.encoder_last_layer()
+    hidden = list(hidden)
+    if loss.repa is not None and len(hidden) == 1:
+        hidden = hidden * len(x_hats)  # an encoder stage: one body pass for every prefix
+    parts = [
+        loss.generator_loss(x, x_hat, step=step, last_layer=last, z=z, hidden=hidden[i] if hidden else None, **extra)
+        for i, (z, x_hat) in enumerate(zip(zs, x_hats, strict=True))
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    total = torch.stack([p[0] for p in parts]).mean()
+    return total, {k: torch.stack([p[1][k] for p in parts]).mean() for k in parts[0][1]}
 
 
 def _optimizer_and_schedule(params, cfg: OptimizerConfig, max_steps: int):

@@ -6,21 +6,24 @@ build or a data scan), then the environment, the run folder, then model -> loss 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 
 from dcae_train.config import TrainConfig, to_config
 from dcae_train.losses import AutoencoderLoss
+from dcae_train.losses.dino_discriminator import DinoDiscriminator
 from dcae_train.models import DCAE, build_model, variant_config
 from dcae_train.schema import ConfigError
 from dcae_train.training import checkpoint as ckpt_lib
@@ -37,9 +40,12 @@ from dcae_train.training.eval_callback import EvalCallback
 from dcae_train.training.faults import FAULTS_ENV, FaultInjection, Preemption
 from dcae_train.training.lock import is_global_rank_zero, lock_run_dir
 from dcae_train.training.module import AutoencoderModule
-from dcae_train.training.tracking import build_wandb_logger
+from dcae_train.training.ranks import RankReport
+from dcae_train.training.tracking import build_wandb_logger, save_wandb_id, wandb_run_id
 from dcae_train.weights import WeightsError, load_model
 from dcae_train.weights.checkpoint import CheckpointMeta
+from dcae_train.weights.discriminator import WEIGHTS_FILE as DISCRIMINATOR_WEIGHTS
+from dcae_train.weights.discriminator import check_architecture, load_discriminator_state, read_discriminator
 from dcae_train.weights.loading import non_finite_tensors
 
 ENV_RESOLVED = "DCAE_TRAIN_RESOLVED"  # set by rank 0 for processes Lightning relaunches (DDP children)
@@ -71,11 +77,17 @@ def build_run(cfg_in: DictConfig | TrainConfig) -> Run:
     torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
 
     model = build_run_model(cfg, paths["init_from"] if not paths["resume"] else None)
-    loss = AutoencoderLoss(phase.loss, cfg.perceptual)
+    repa = phase.loss.repa
+    loss = AutoencoderLoss(
+        phase.loss, cfg.perceptual, foundation=cfg.foundation, latent_channels=model.latent_channels,
+        repa_channels=model.feature_channels(repa.where, repa.stage) if repa.enabled else None,
+    )  # fmt: skip
+    disc_source = cfg.init_discriminator or _shared_discriminator(paths)
     meta = CheckpointMeta(
         model.config.to_dict(), cfg.model.variant, float(model.scaling_factor), cfg.phase, cfg.recipe,
         parent=paths["init_from"], lpips_pretrained=loss.perceptual.pretrained if loss.perceptual else True,
         trainable=list(phase.trainable),
+        foundation=_foundation_record(loss), discriminator=_init_discriminator(loss, phase, disc_source),
     )  # fmt: skip
     module = AutoencoderModule(
         model, loss, phase, meta=meta, max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
@@ -90,11 +102,49 @@ def build_run(cfg_in: DictConfig | TrainConfig) -> Run:
         seed=cfg.seed,
         val_resolution=phase.val_resolution or phase.resolution,
     )
-    preemption = Preemption(run_dir, handle_usr1="SLURM_JOB_ID" not in os.environ)
-    trainer = build_trainer(cfg, run_dir, module, preemption)
-    if trainer.is_global_zero:
-        save_run_config(cfg, run_dir, meta)
+    preemption = Preemption(run_dir)
+    wandb_id = wandb_run_id(run_dir)
+    trainer = build_trainer(cfg, run_dir, module, preemption, _loggers(cfg, run_dir, wandb_id))
+    if trainer.is_global_zero:  # every file of the run folder is written by global rank 0 only
+        save_run_config(cfg, run_dir, meta, wandb_id if len(trainer.loggers) > 1 else None)
     return Run(cfg, phase, run_dir, trainer, module, datamodule, paths["resume"], preemption)
+
+
+def _shared_discriminator(paths: dict[str, Any]) -> str | None:
+    """init_from= an export folder written with --with-discriminator: its discriminator too (a phase-3 run that
+    continues someone's warmed-up D gives just that folder); init_discriminator= names another source instead."""
+    init_from = paths["init_from"]
+    if paths["resume"] or not init_from or not (Path(init_from) / DISCRIMINATOR_WEIGHTS).is_file():
+        return None
+    print(f"init_from={init_from}: loading its {DISCRIMINATOR_WEIGHTS} too (init_discriminator= to use another)")
+    return str(init_from)
+
+
+def _init_discriminator(loss: AutoencoderLoss, phase: PhaseConfig, source: str | None) -> dict[str, Any] | None:
+    """The discriminator's architecture record; with `source` (init_discriminator=), its weights loaded from there
+    after checking the architecture matches (and LeCAM's EMAs when both sides have them)."""
+    if loss.discriminator is None:
+        return None
+    record: dict[str, Any] = {**dataclasses.asdict(phase.loss.disc), "init_from": source}
+    if isinstance(loss.discriminator, DinoDiscriminator):
+        trunk = loss.discriminator.trunk
+        record["trunk_weights"] = {"pretrained": trunk.pretrained, "sha256": trunk.digest, "file": trunk.weights_file}
+    if source:
+        state, info = read_discriminator(source)
+        check_architecture(info, record, source)
+        load_discriminator_state(loss.discriminator, state, source)
+        if loss.lecam is not None and info.get("lecam"):
+            loss.lecam.ema_real.fill_(info["lecam"]["ema_real"])
+            loss.lecam.ema_fake.fill_(info["lecam"]["ema_fake"])
+    return record
+
+
+def _foundation_record(loss: AutoencoderLoss) -> dict[str, Any] | None:
+    """What the run's alignment losses compared with: recorded in run.json and every checkpoint."""
+    f = loss.foundation
+    if f is None:
+        return None
+    return {"model": f.name, "pretrained": f.pretrained, "sha256": f.digest, "file": f.weights_file}
 
 
 def check_environment(cfg: TrainConfig) -> None:
@@ -121,13 +171,13 @@ def resolve_paths(cfg: TrainConfig) -> dict[str, Any]:
     resume: str | None = None
     init_from = cfg.init_from
     path: Path | None = None
-    if cfg.resume == "auto":  # the newest run folder (or run_dir=): its best checkpoint, or step 0 if it has none
-        run_dir, path = ckpt_lib.resume_target(cfg.runs_dir, cfg.recipe, cfg.phase, cfg.run_dir)
+    if cfg.resume == "auto":  # the launch's own or the newest run folder: its best checkpoint, or step 0 if none
+        run_dir, path = ckpt_lib.resume_target(cfg.runs_dir, cfg.recipe, cfg.phase, _own_run_dir(cfg))
     elif cfg.resume:
         path = Path(cfg.resume)
         run_dir = Path(cfg.run_dir) if cfg.run_dir else path.parent.parent
     else:
-        run_dir = Path(cfg.run_dir) if cfg.run_dir else _new_run_dir(cfg)
+        run_dir = _new_run_dir(cfg)
     if path is not None:
         if not path.is_file():
             raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint file")
@@ -146,17 +196,26 @@ def resolve_paths(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _new_run_dir(cfg: TrainConfig) -> Path:
-    root = ckpt_lib.phase_root(cfg.runs_dir, cfg.recipe, cfg.phase)
+    own = _own_run_dir(cfg)
+    if own is not None:
+        return own
     if _launched_externally():
-        # Started by torchrun / SLURM: every rank runs this, so the name must not depend on the clock.
-        job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
-        if not job or job == "none":
-            raise ValueError(
-                "multi-process launch without a shared run folder: pass run_dir=<path> (the same on every rank), "
-                "or launch under SLURM or torchrun with --rdzv-id"
-            )
-        return root / f"job-{job}"
-    return root / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        raise ValueError(
+            "multi-process launch without a shared run folder: pass run_dir=<path> (the same on every rank), "
+            "or launch under SLURM or torchrun with --rdzv-id"
+        )
+    return ckpt_lib.phase_root(cfg.runs_dir, cfg.recipe, cfg.phase) / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+
+
+def _own_run_dir(cfg: TrainConfig) -> Path | None:
+    """The folder this launch names: run_dir=, or `job-<id>` under torchrun / SLURM (every rank runs this, so the
+    name must not depend on the clock; a requeued SLURM job keeps its id and so its folder). None: a new timestamp."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
+    if not _launched_externally() or not job or job == "none":
+        return None
+    return ckpt_lib.phase_root(cfg.runs_dir, cfg.recipe, cfg.phase) / f"job-{job}"
 
 
 # Objects ------------------------------------------------------------------------------------------------
@@ -188,7 +247,9 @@ def build_run_model(cfg: TrainConfig, init_from: str | None) -> DCAE:
     return model
 
 
-def build_trainer(cfg: TrainConfig, run_dir: Path, module: AutoencoderModule, preemption: Preemption) -> L.Trainer:
+def build_trainer(
+    cfg: TrainConfig, run_dir: Path, module: AutoencoderModule, preemption: Preemption, loggers: list[Any]
+) -> L.Trainer:
     t, phase = cfg.trainer, cfg.phase_config
     on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
     precision = t.precision if t.precision != "auto" else ("bf16-mixed" if on_gpu else "32-true")
@@ -206,9 +267,9 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, module: AutoencoderModule, pr
         limit_val_batches=phase.val_batches,
         num_sanity_val_steps=0,
         log_every_n_steps=phase.log_every,
-        logger=_loggers(cfg, run_dir),
+        logger=loggers,
         callbacks=_callbacks(cfg, run_dir, preemption),
-        plugins=[ckpt_lib.AtomicCheckpointIO()],
+        plugins=[ckpt_lib.AtomicCheckpointIO(), *_cluster_plugins()],
         default_root_dir=str(run_dir),
         deterministic=t.deterministic,
         sync_batchnorm=multi and _trains_batchnorm(module),
@@ -221,7 +282,17 @@ def _strategy(cfg: TrainConfig, module: AutoencoderModule) -> Any:
     if cfg.trainer.strategy not in ("ddp", "auto"):
         return cfg.trainer.strategy
     # G and D share one DDP wrapper: D is unused in the generator's pass before gan_start and G in D's pass.
-    return DDPStrategy(find_unused_parameters=module.loss.discriminator is not None)
+    # The timeout bounds how long a rank waits for a lost one (torch's default: 30 min) before it fails.
+    return DDPStrategy(
+        find_unused_parameters=module.loss.discriminator is not None,
+        timeout=timedelta(seconds=cfg.trainer.collective_timeout_s),
+    )
+
+
+def _cluster_plugins() -> list[Any]:
+    # Under SLURM our Preemption callback owns SIGUSR1 as well as SIGTERM (checkpoint, exit 75, and
+    # scripts/launch_slurm.sh requeues): Lightning's own auto-requeue would write a second kind of checkpoint.
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
 
 
 def _trains_batchnorm(module: AutoencoderModule) -> bool:
@@ -231,9 +302,9 @@ def _trains_batchnorm(module: AutoencoderModule) -> bool:
     )
 
 
-def _loggers(cfg: TrainConfig, run_dir: Path) -> list[Any]:
+def _loggers(cfg: TrainConfig, run_dir: Path, wandb_id: str) -> list[Any]:
     loggers: list[Any] = [AppendingCSVLogger(save_dir=str(run_dir), name="", version="")]
-    wandb_logger = build_wandb_logger(cfg.logger.wandb, run_dir, cfg.recipe, cfg.phase)
+    wandb_logger = build_wandb_logger(cfg.logger.wandb, run_dir, cfg.recipe, cfg.phase, wandb_id)
     return loggers + ([wandb_logger] if wandb_logger is not None else [])
 
 
@@ -254,8 +325,8 @@ def _callbacks(cfg: TrainConfig, run_dir: Path, preemption: Preemption) -> list[
         ReconstructionGrids(run_dir, phase.image_every),
         LossCurves(run_dir),
         DataPosition(),
+        RankReport(run_dir),  # before FinishedMarker: replicas that disagree never mark the run finished
         FinishedMarker(run_dir, {"recipe": cfg.recipe, "phase": cfg.phase}, preemption),
-        # Under SLURM, Lightning's auto-requeue owns SIGUSR1 (it saves an hpc checkpoint and requeues the job).
         preemption,
     ]
     if cfg.evaluation.every > 0:
@@ -274,8 +345,10 @@ def _multi_process(cfg: TrainConfig) -> bool:
     return cfg.trainer.multi_device or cfg.trainer.num_nodes > 1 or _launched_externally()
 
 
-def save_run_config(cfg: TrainConfig, run_dir: Path, meta: CheckpointMeta) -> None:
+def save_run_config(cfg: TrainConfig, run_dir: Path, meta: CheckpointMeta, wandb_id: str | None = None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
+    if wandb_id:
+        save_wandb_id(run_dir, wandb_id)
     resolved = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     name = "config.yaml" if not (run_dir / "config.yaml").exists() else "config.resumed.yaml"
     (run_dir / name).write_text(resolved)

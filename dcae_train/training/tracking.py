@@ -1,8 +1,9 @@
 """wandb: online when an API key is configured, offline otherwise, disabled on request (and in tests).
 
 The mode is decided before the Trainer is built and exported as WANDB_MODE, so DDP children inherit it and
-no process ever blocks on a login prompt. The run id is kept in `<run_dir>/wandb_id.txt`, so `resume=`
-continues the same wandb run. Offline runs are uploaded later with `wandb sync <run_dir>/wandb/offline-run-*`.
+no process ever blocks on a login prompt. The run id is kept in `<run_dir>/wandb_id.txt` (written by global rank
+0 only, with the run config: the other ranks' loggers never start a run), so `resume=` continues the same wandb
+run. Offline runs are uploaded later with `wandb sync <run_dir>/wandb/offline-run-*`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 from lightning.pytorch.loggers import WandbLogger
 
 from dcae_train.training.config import WandbConfig
+
+WANDB_ID_FILE = "wandb_id.txt"
 
 
 def has_api_key() -> bool:
@@ -40,17 +43,22 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
-def build_wandb_logger(w: WandbConfig, run_dir: Path, recipe: str, phase: int) -> WandbLogger | None:
+def wandb_run_id(run_dir: Path) -> str:
+    """The run's wandb id: the one in `wandb_id.txt` (a resumed run), else a new one."""
+    id_file = run_dir / WANDB_ID_FILE
+    return id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+
+
+def save_wandb_id(run_dir: Path, run_id: str) -> None:
+    (run_dir / WANDB_ID_FILE).write_text(run_id)
+
+
+def build_wandb_logger(w: WandbConfig, run_dir: Path, recipe: str, phase: int, run_id: str) -> WandbLogger | None:
     mode = resolve_mode(w.mode)
     os.environ["WANDB_MODE"] = mode
     if mode == "disabled":
         return None
-    run_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_DIR", str(run_dir))
-    id_file = run_dir / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
-    if not id_file.is_file():
-        id_file.write_text(run_id)
     return WandbLogger(
         project=w.project,
         entity=w.entity,

@@ -32,6 +32,10 @@ class CheckpointMeta:
     recipe: str
     parent: str | None  # the checkpoint or weights this phase started from (init_from)
     lpips_pretrained: bool  # False when LPIPS ran on a random trunk (quickstart offline)
+    # the alignment losses' foundation model: {model, pretrained, sha256, file}; None without one
+    foundation: dict[str, Any] | None = None
+    # the discriminator's architecture {type, layers, width, norm} and where its weights started (init_from)
+    discriminator: dict[str, Any] | None = None
     step: int = 0  # autoencoder updates so far (= Lightning's global_step)
     nonfinite_total: int = 0  # skipped non-finite steps so far
     trainable: list[str] | None = None  # the phase's `trainable` globs (None in checkpoints from before they were kept)
