@@ -73,7 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.resolution <= 0 or args.batch_size <= 0:
-        raise ValueError(f"--resolution={args.resolution} and --batch-size={args.batch_size} must be positive")
+        raise ValueError(f"--resolution={args.resolution} and --batch-size={args.batch_size}: give positive sizes, "
+                         f"e.g. --resolution 256 --batch-size 16")  # fmt: skip
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out={args.out} is a file: give a folder (it is created if missing), e.g. --out eval")
     if args.num_images is not None and args.num_images < 0:
         raise ValueError(f"--num-images={args.num_images}: give a count, or 0 for all images")
     args.num_images = args.num_images or None  # 0 = all, as omitting it
@@ -162,7 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data = resolve_data(args.data)
     lpips, features = build_metrics(args)
     model = load_eval_model(args.model, not args.raw, args.random_init, args.seed).to(ranks.device)
-    _check_resolution(model, args.resolution)
+    check_resolution(model, args.resolution)
     check_prefixes(model, args.latent_channels)
 
     ref_path, reference = None, None
@@ -200,7 +203,7 @@ def _rank_kw(ranks: Ranks) -> dict[str, int]:
     return {"rank": ranks.rank, "world_size": ranks.world_size}
 
 
-def _check_resolution(model: DCAE, resolution: int) -> None:
+def check_resolution(model: DCAE, resolution: int) -> None:
     f = model.spatial_compression_ratio
     if resolution % f:
         raise ValueError(f"--resolution={resolution} must be a multiple of the model's spatial compression {f}")
@@ -252,15 +255,21 @@ def write_reports(result: dict[str, Any], worst: list[dict], out: Path) -> None:
         save_prefix_plot(result, out / "prefixes.png")
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    result = run(args)
+def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 on success; 2, with one line naming the problem and its fix, on bad input."""
+    try:
+        args = parse_args(argv)
+        result = run(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(markdown_table(result, with_published=False) + prefix_table(result))
         print(f"wrote {args.out / 'eval.json'}, {args.out / 'eval.md'}, {args.out / 'worst.png'}")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,7 +25,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dcae_train.evaluate import DTYPES, add_model_args, channel_list, check_prefixes, load_eval_model, setup_ranks
+from dcae_train.evaluate import (
+    DTYPES,
+    add_model_args,
+    channel_list,
+    check_prefixes,
+    check_resolution,
+    load_eval_model,
+    setup_ranks,
+)
 from dcae_train.evaluation.data import eval_loader, resolve_data
 from dcae_train.evaluation.evaluator import note_skipped
 from dcae_train.evaluation.latents import LatentAccumulator
@@ -95,6 +103,23 @@ def write_scaling_factor(target: Path, scaling_factor: float) -> Path:
     return config
 
 
+def check_write_config(target: Path) -> None:
+    """Only a diffusers `config.json` holds a scaling factor that loading reads; an original-layout export
+    (`model.safetensors`, whose metadata carries the config) cannot take one: refuse it before any work."""
+    folder = target if target.is_dir() else target.parent
+    config = folder / "config.json"
+    if (folder / "model.safetensors").is_file() and (
+        not config.is_file() or json.loads(config.read_text()).get("_class_name") != "AutoencoderDC"
+    ):
+        raise ValueError(
+            f"--write-config={target}: an original-layout export (model.safetensors) keeps its scaling factor in the "
+            f"file's metadata, which --write-config does not rewrite. Give a diffusers export folder (python -m "
+            f"dcae_train.export SOURCE OUT), or re-export this one with --scaling-factor F, or use --scaling-file"
+        )
+    if not (target / "config.json").is_file() and not target.is_file():
+        raise ValueError(f"--write-config={target}: no config.json there; export the model first")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dcae_train.latent_stats", description=__doc__.split("\n")[0])
     add_model_args(p)
@@ -111,25 +136,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scaling-file", type=Path, default=None, help="write 1/RMS per latent channel as a .npy array")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.resolution <= 0 or args.batch_size <= 0:
+        raise ValueError(f"--resolution={args.resolution} and --batch-size={args.batch_size}: give positive sizes, "
+                         f"e.g. --resolution 256 --batch-size 16")  # fmt: skip
     if args.num_images is not None and args.num_images < 0:
         raise ValueError(f"--num-images={args.num_images}: give a count >= 1, or 0 for all images")
     args.num_images = args.num_images or None  # 0 = all, as omitting it
-    if (
-        args.write_config is not None
-        and not (args.write_config / "config.json").is_file()
-        and not (args.write_config.is_file())
-    ):  # checked before any encoding
-        raise ValueError(f"--write-config={args.write_config}: no config.json there; export the model first")
+    if args.write_config is not None:  # checked before any encoding
+        check_write_config(args.write_config)
+    if args.out.is_dir() or args.out.parent.is_file():
+        raise ValueError(f"--out={args.out}: give a .json file path in a folder, e.g. --out latent_stats.json")
     if args.scaling_file is not None and args.scaling_file.suffix != ".npy":
         raise ValueError(f"--scaling-file={args.scaling_file}: give a .npy path, e.g. latent_scaling.npy")
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 on success; 2, with one line naming the problem and its fix, on bad input."""
+    try:
+        run(argv)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """`main` without the exit code: the statistics, or an exception on bad input."""
     args = parse_args(argv)
     ranks = setup_ranks(args.device)
     data = resolve_data(args.data)
     model = load_eval_model(args.model, not args.raw, args.random_init, args.seed).to(ranks.device)
+    check_resolution(model, args.resolution)
     check_prefixes(model, args.latent_channels)
     loader = eval_loader(data, args.resolution, args.batch_size, args.num_workers, args.num_images, ranks.rank,
                          ranks.world_size)  # fmt: skip
@@ -159,4 +197,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

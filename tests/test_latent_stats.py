@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 
 from dcae_train.evaluation.latents import LatentAccumulator
-from dcae_train.latent_stats import compute_latent_stats, main
+from dcae_train.latent_stats import compute_latent_stats, run
 from dcae_train.models import build_model
 from dcae_train.weights import export_diffusers, load_model
 
@@ -83,7 +83,7 @@ def test_cli_writes_json_and_config(tmp_path):
     torch.manual_seed(0)
     export = export_diffusers(build_model("tiny"), tmp_path / "export")  # a real diffusers folder, via load_model
     out = tmp_path / "stats.json"
-    stats = main(["--model", str(export), "--data", str(images), "--resolution", "32", "--batch-size", "2",
+    stats = run(["--model", str(export), "--data", str(images), "--resolution", "32", "--batch-size", "2",
                   "--num-workers", "0", "--no-progress", "--out", str(out), "--write-config", str(export)])  # fmt: skip
     written = json.loads(out.read_text())
     assert written["scaling_factor"] == pytest.approx(1 / written["rms"])
@@ -91,4 +91,4 @@ def test_cli_writes_json_and_config(tmp_path):
     assert json.loads((export / "config.json").read_text())["scaling_factor"] == stats["scaling_factor"]
     assert load_model(export).scaling_factor == pytest.approx(stats["scaling_factor"])
     with pytest.raises(ValueError, match="no config.json"):
-        main(["--model", "tiny", "--random-init", "--data", str(images), "--write-config", str(tmp_path / "none")])
+        run(["--model", "tiny", "--random-init", "--data", str(images), "--write-config", str(tmp_path / "none")])

@@ -59,6 +59,8 @@ def load_model(source: str | Path, *, ema: bool = True, variant: str | None = No
             raise WeightsError(f"{path}: pickle weight files are refused; use the safetensors version")
         return _load_training_checkpoint(path, ema)
     name = str(source)
+    if looks_like_path(name):  # never sent to the Hub: a typo in a local path must say so
+        raise WeightsError(f"no such file or folder: {path} (check the path; relative paths start from {Path.cwd()})")
     if name in VARIANTS or f"dc-ae-{name}" in VARIANTS:
         return build_model(name).eval()  # random init
     if _looks_like_repo_id(name):
@@ -259,6 +261,15 @@ def _match_variant(config: DCAEConfig) -> str | None:
     """The registered name of an architecture + factor (the last of equal ones, e.g. sana-1.1 over 1.0)."""
     names = [n for n in VARIANTS if variant_config(n) == config]
     return names[-1] if names else None
+
+
+WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
+
+
+def looks_like_path(name: str) -> bool:
+    """A source meant as a local path, never a Hub repo id or a variant name [ours]: it starts with `./`, `../`, `/`
+    or `~`, ends with a weight-file suffix, or has more than one `/` (a repo id has exactly one)."""
+    return name.startswith(("./", "../", "/", "~")) or name.endswith(WEIGHT_SUFFIXES) or name.count("/") > 1
 
 
 def _looks_like_repo_id(name: str) -> bool:
