@@ -19,6 +19,7 @@ import atexit
 import logging
 import multiprocessing.util  # noqa: F401  (registers multiprocessing's exit handler first: ours then runs before it)
 import random
+import re
 import signal
 import time
 import weakref
@@ -79,6 +80,7 @@ class SkipCounter:
         self.where, self.warn_every_s = where, warn_every_s
         self.by_reason: Counter[str] = Counter()
         self._last_warn = -float("inf")
+        self._shard_errors: set[tuple[str, str, str]] = set()
 
     @property
     def total(self) -> int:
@@ -98,8 +100,17 @@ class SkipCounter:
             )
 
     def tar_handler(self, exn: Exception) -> bool:
-        """WebDataset handler for shard opening/reading errors: count, keep going."""
-        self.add("shard_error", f"{type(exn).__name__}: {exn}")
+        """WebDataset handler for shard opening/reading errors: count once per distinct error (an endless stream
+        rereads a truncated shard on every pass and would count the same read error again each time), keep going."""
+        detail = f"{type(exn).__name__}: {exn}"
+        # WebDataset hands the same error up twice (tar level, then url level, with the url appended to its args):
+        # one key per (error, message, shard file).
+        message = str(exn.args[0] if exn.args else exn).split(" @ ")[0]
+        shard = next(iter(re.findall(r"name='([^']+)'", str(exn))), "")
+        key = (type(exn).__name__, message, shard)
+        if key not in self._shard_errors:
+            self._shard_errors.add(key)
+            self.add("shard_error", detail)
         return True
 
 
