@@ -8,6 +8,8 @@
 - one of our Lightning training checkpoints (`.ckpt`): the EMA weights when present and `ema=True`;
 - a Hugging Face repo id (`mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers`): fetched with `huggingface_hub`
   (safetensors and JSON only); a cached copy is used offline.
+A source that looks like a path (`looks_like_path`: starts with ./ ../ / or ~, ends with .ckpt/.safetensors/.pt/
+.pth/.bin, or has more than one /) and does not exist fails with "no such file or folder", never a Hub lookup.
 
 The model is built on the meta device and its tensors are assigned only after every key and shape has been
 checked, so a bad file fails before anything is loaded, and a 1 GB model costs no random initialisation.
