@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_encode.py"
+from _helpers_scripts import load_script
 
 
 def test_bench_encode_prints_both_pipelines_and_the_ratio(capsys):
-    spec = importlib.util.spec_from_file_location("bench_encode", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("bench_encode")
     argv = ["--demo-images", "0", "--synthetic", "2", "--synthetic-size", "80", "--resolution", "32", "--reps", "1",
             "--batch-size", "2", "--num-workers", "0"]  # fmt: skip
     assert module.main(argv) == 0

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from _helpers_scripts import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_gan.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_gan", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_gan"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_gan")
 
 
 @pytest.mark.slow  # ~40 s on 2 cores: eleven configurations, three of them with a ViT-S

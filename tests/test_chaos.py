@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _helpers_scripts import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "chaos.py"
-_spec = importlib.util.spec_from_file_location("chaos", SCRIPT)
-chaos = importlib.util.module_from_spec(_spec)
-sys.modules["chaos"] = chaos  # dataclasses look their module up by name
-_spec.loader.exec_module(chaos)
+chaos = load_script("chaos")
 
 
 @pytest.mark.parametrize("seed", range(20))

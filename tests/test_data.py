@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import multiprocessing as mp
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from _helpers_data import clean_shards, encode, jpeg, messy_samples, photo, png, png_bomb, write_tar
+from _helpers_scripts import load_script
 from PIL import Image, ImageOps
 
 from dcae_train import cli
@@ -273,9 +273,7 @@ def test_make_shards_script_cli(tmp_path, capsys):
     script = root / "scripts" / "make_shards.py"
     subprocess.run([sys.executable, str(script), *args, "--no-progress"], check=True, cwd=root, capture_output=True)
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["total"] == 2
-    spec = importlib.util.spec_from_file_location("make_shards", script)  # the same main(), in this process
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("make_shards")  # the same main(), in this process
     assert module.main(args) == 2 and "overwrite" in capsys.readouterr().err
 
 
