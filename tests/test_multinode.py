@@ -117,6 +117,19 @@ def only_run(tmp_path: Path) -> Path:
     return run
 
 
+def fail_node_1(nodes: Nodes, tmp_path: Path, run: str, sig: int, wait_s: float) -> tuple[int, float, str]:
+    """After the run's first checkpoint, send `sig` to node 1's process tree; node 0's exit code, the seconds it
+    took to exit, and its log."""
+    try:
+        wait_for(tmp_path / f"runs/quickstart/phase1/{run}/checkpoints/step00000002.ckpt", nodes, LAUNCH_TIMEOUT)
+        signal_tree(nodes.procs[1].pid, sig)
+        t0 = time.monotonic()
+        code = nodes.procs[0].wait(timeout=wait_s)
+        return code, time.monotonic() - t0, nodes.logs[0].read_text(errors="replace")
+    finally:
+        nodes.close()
+
+
 # torchrun, two launcher processes ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_two_nodes_with_torchrun_train_and_resume(tmp_path):
@@ -152,15 +165,8 @@ def test_launch_torchrun_node_killed_the_other_exits_then_both_resume(tmp_path):
         return script_env(tmp_path, node, port)
 
     nodes = launch_two(tmp_path, "killed", lambda n: ["bash", script, *args], env_of)
-    try:
-        wait_for(tmp_path / "runs/quickstart/phase1/job-elastic/checkpoints/step00000002.ckpt", nodes, LAUNCH_TIMEOUT)
-        signal_tree(nodes.procs[1].pid, signal.SIGKILL)  # node 1 is gone: its launcher and its rank at once
-        t0 = time.monotonic()
-        code = nodes.procs[0].wait(timeout=TIMEOUT_S + 60)
-        elapsed = time.monotonic() - t0
-        log0 = nodes.logs[0].read_text(errors="replace")
-    finally:
-        nodes.close()
+    # node 1 is gone: its launcher and its rank at once
+    code, elapsed, log0 = fail_node_1(nodes, tmp_path, "job-elastic", signal.SIGKILL, TIMEOUT_S + 60)
     assert code != 0
     assert "lost contact with the other ranks" in log0 and "resume=auto" in log0, log0[-3000:]
     assert elapsed < TIMEOUT_S + 30, f"node 0 took {elapsed:.0f} s to notice"
@@ -177,15 +183,8 @@ def test_frozen_node_fails_the_other_within_the_collective_timeout(tmp_path):
     port, env = free_port(), child_env(tmp_path)
     args = train_args(tmp_path, 40, "phases.p1.ckpt_every=2")
     nodes = launch_two(tmp_path, "frozen", lambda n: [*torchrun(n, port, "frozen"), *args], lambda n: env)
-    try:
-        wait_for(tmp_path / "runs/quickstart/phase1/job-frozen/checkpoints/step00000002.ckpt", nodes, LAUNCH_TIMEOUT)
-        signal_tree(nodes.procs[1].pid, signal.SIGSTOP)  # a hung node: alive, sockets open, never answers
-        t0 = time.monotonic()
-        code = nodes.procs[0].wait(timeout=TIMEOUT_S + 90)
-        elapsed = time.monotonic() - t0
-        log0 = nodes.logs[0].read_text(errors="replace")
-    finally:
-        nodes.close()
+    # a hung node: alive, sockets open, never answers
+    code, elapsed, log0 = fail_node_1(nodes, tmp_path, "job-frozen", signal.SIGSTOP, TIMEOUT_S + 90)
     assert code != 0 and "lost contact with the other ranks" in log0, log0[-3000:]
     assert f"trainer.collective_timeout_s={TIMEOUT_S}" in log0
     assert TIMEOUT_S - 5 < elapsed < TIMEOUT_S + 45, f"node 0 exited {elapsed:.0f} s after node 1 froze"
