@@ -143,3 +143,44 @@ def test_a_process_with_live_signal_proof_workers_still_exits(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
                           start_new_session=True)  # fmt: skip
     assert done.returncode == 0 and "got a batch" in done.stdout, done.stderr[-2000:]
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie may wait a while for its new parent to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_workers_die_with_a_killed_main_process(tmp_path):
+    """A SIGKILLed main process (OOM killer, node drain, `kill -9`) takes its workers with it, even one busy in a
+    sample: torch's own parent check runs only between samples, and the worker ignores the group signals."""
+    pid_file = tmp_path / "worker.pid"
+    script = (
+        "import os, time, torch\n"
+        "from dcae_train.data.webdataset import SignalProofDataLoader\n"
+        "class Busy(torch.utils.data.Dataset):\n"
+        "    def __len__(self): return 4\n"
+        "    def __getitem__(self, i):\n"
+        f"        open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "        while True: pass  # a sample that never ends\n"
+        "next(iter(SignalProofDataLoader(Busy(), num_workers=1)))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    worker = int(pid_file.read_text())
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = _running(worker)
+    if alive:
+        os.kill(worker, signal.SIGKILL)
+    assert not alive, "the worker outlived the killed main process"

@@ -16,11 +16,15 @@ the union over ranks is the same set at any world size.
 from __future__ import annotations
 
 import atexit
+import ctypes
+import functools
 import logging
 import multiprocessing.util  # noqa: F401  (registers multiprocessing's exit handler first: ours then runs before it)
+import os
 import random
 import re
 import signal
+import sys
 import time
 import weakref
 from collections import Counter
@@ -322,7 +326,7 @@ class SignalProofDataLoader(DataLoader):
     are tracked here and SIGKILLed first (our exit handler is registered after multiprocessing's, so runs first)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("worker_init_fn", ignore_preemption_signals)
+        kwargs.setdefault("worker_init_fn", functools.partial(ignore_preemption_signals, parent_pid=os.getpid()))
         super().__init__(*args, **kwargs)
 
     def _get_iterator(self):
@@ -347,15 +351,33 @@ def _kill_workers_at_exit() -> None:
         proc.join(timeout=5)
 
 
-def ignore_preemption_signals(worker_id: int = 0) -> None:
+def ignore_preemption_signals(worker_id: int = 0, parent_pid: int | None = None) -> None:
     """DataLoader `worker_init_fn`: SLURM, systemd, `timeout` and `kill -- -PGID` signal the whole process group.
     A worker that dies of SIGTERM makes the main process fail with "DataLoader worker ... is killed by signal"
     before it can save; ignoring the signals here lets the main process checkpoint at the next step, then end
-    the workers the normal way (they also exit by themselves if the main process dies)."""
+    the workers the normal way. If the main process dies (SIGKILL, OOM killer) the worker is killed with it:
+    torch's own check of the parent runs only between samples, so a worker busy with one sample (or stuck in
+    it) would outlive its parent, holding memory and the inherited lock of the run folder."""
     for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
         sig = getattr(signal, name, None)
         if sig is not None:
             signal.signal(sig, signal.SIG_IGN)
+    die_with_parent(parent_pid)
+
+
+def die_with_parent(parent_pid: int | None = None) -> None:
+    """Linux: SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG; no library in our stack wraps
+    it, hence ctypes). `parent_pid`, recorded before the fork, catches a parent that died before the call."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): workers may outlive a killed run", ctypes.get_errno())
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)  # the parent is already gone
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class StreamLoader:
