@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -99,6 +100,24 @@ def test_adm_center_crop_sizes_and_content():
     assert out.size == (64, 64)
     assert np.asarray(out)[:, 32].min() > 200 and np.asarray(out)[:, 0].max() < 30
     assert adm_center_crop(Image.fromarray(arr[:50, :40]), 64).size == (64, 64)  # small images are upsampled
+
+
+def test_a_resolution_below_one_pixel_is_an_error_not_an_endless_loop(image_folder):
+    """The BOX-halving loop never ended on a resolution <= 0 (a DataLoader worker spun at 100% CPU)."""
+    outcome: list = []
+
+    def crop() -> None:
+        try:
+            adm_center_crop(Image.new("RGB", (40, 40)), -8)
+        except ValueError as err:
+            outcome.append(err)
+
+    worker = threading.Thread(target=crop, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive() and outcome and "at least one pixel" in str(outcome[0])
+    with pytest.raises(ValueError, match="resolution=0: give a positive"):
+        eval_loader(resolve_data(str(image_folder)), 0, batch_size=2, num_workers=2)
 
 
 def test_folder_split_across_ranks_is_disjoint_and_complete(image_folder):

@@ -33,6 +33,8 @@ def adm_plan(size: tuple[int, int], res: int) -> tuple[int, tuple[int, int], tup
     """The steps of `adm_center_crop` for an image of `size` (w, h): (number of 2x BOX halvings, (w, h) after the
     BICUBIC resize, (left, top) of the res x res crop)."""
     w, h = size
+    if res < 1 or min(w, h) < 1:  # the halving loop below would never end on a resolution <= 0
+        raise ValueError(f"cannot centre-crop a {w}x{h} image to {res}x{res}: both need at least one pixel")
     halvings = 0
     while min(w, h) >= 2 * res:  # repeated 2x BOX downsampling: antialiased and cheap
         w, h, halvings = w // 2, h // 2, halvings + 1
@@ -173,6 +175,8 @@ def eval_loader(
     world_size: int = 1,
 ) -> torch.utils.data.DataLoader:
     """This rank's share of the first `num_images` images (all when None), in a fixed order."""
+    if res < 1:  # said here, not by every worker on every image
+        raise ValueError(f"resolution={res}: give a positive image side in pixels, e.g. 256")
     if data.kind == "folder":
         files = list(data.files[:num_images] if num_images else data.files)
         root = Path(data.root) if Path(data.root).is_dir() else Path("/")
