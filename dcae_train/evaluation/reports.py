@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
+from dcae_train.data.shards import write_atomic
+
 # Published rows to compare against (docs/evaluation.md, "Published numbers"); same protocol, full datasets.
 PUBLISHED = [
     ("dc-ae-f64c128-in-1.0", "ImageNet val, 512", "50,000", 0.2168, 26.149, 0.7105, 0.0802),
@@ -20,7 +22,7 @@ PUBLISHED = [
 
 def write_json(result: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, sort_keys=False, default=_plain) + "\n")
+    write_atomic(path, (json.dumps(result, indent=2, sort_keys=False, default=_plain) + "\n").encode())
 
 
 def _plain(v: Any) -> Any:

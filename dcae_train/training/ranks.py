@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dcae_train.data.shards import write_atomic
+
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -82,7 +84,7 @@ class RankReport(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         entries = gather_objects(self._entry(trainer, pl_module))
         if trainer.is_global_zero:
-            self.path.write_text(json.dumps({"world_size": len(entries), "ranks": entries}, indent=2))
+            write_atomic(self.path, json.dumps({"world_size": len(entries), "ranks": entries}, indent=2).encode())
         groups = mismatched_ranks(entries)
         if groups:
             found = "; ".join(f"ranks {ranks} hold {fp}" for fp, ranks in groups.items())

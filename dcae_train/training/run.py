@@ -22,6 +22,7 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 
 from dcae_train.config import TrainConfig, to_config
+from dcae_train.data.shards import write_atomic
 from dcae_train.losses import AutoencoderLoss
 from dcae_train.losses.dino_discriminator import DinoDiscriminator
 from dcae_train.models import DCAE, build_model, variant_config
@@ -351,6 +352,6 @@ def save_run_config(cfg: TrainConfig, run_dir: Path, meta: CheckpointMeta, wandb
         save_wandb_id(run_dir, wandb_id)
     resolved = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     name = "config.yaml" if not (run_dir / "config.yaml").exists() else "config.resumed.yaml"
-    (run_dir / name).write_text(resolved)
+    write_atomic(run_dir / name, resolved.encode())
     info = {**meta.to_dict(), "config": None, "model": meta.config}
-    (run_dir / "run.json").write_text(json.dumps(info, indent=2))
+    write_atomic(run_dir / "run.json", json.dumps(info, indent=2).encode())

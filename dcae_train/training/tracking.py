@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
 
+from dcae_train.data.shards import write_atomic
 from dcae_train.training.config import WandbConfig
 
 WANDB_ID_FILE = "wandb_id.txt"
@@ -50,7 +51,7 @@ def wandb_run_id(run_dir: Path) -> str:
 
 
 def save_wandb_id(run_dir: Path, run_id: str) -> None:
-    (run_dir / WANDB_ID_FILE).write_text(run_id)
+    write_atomic(run_dir / WANDB_ID_FILE, run_id.encode())
 
 
 def build_wandb_logger(w: WandbConfig, run_dir: Path, recipe: str, phase: int, run_id: str) -> WandbLogger | None:

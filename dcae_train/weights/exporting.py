@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from dcae_train.data.shards import write_atomic
 from dcae_train.models import DCAE, DCAEConfig
 from dcae_train.weights.io import CONFIG_NAME, WEIGHTS_NAME, write_safetensors
 from dcae_train.weights.loading import META_CONFIG, ORIGINAL_NAME, _match_variant
@@ -48,7 +49,7 @@ def export_diffusers(
     for stale in [*out.glob(f"{WEIGHTS_NAME}*.safetensors"), *out.glob(f"{WEIGHTS_NAME}*.safetensors.index.json")]:
         stale.unlink()
     cfg = {"_class_name": "AutoencoderDC", "_diffusers_version": DIFFUSERS_VERSION, **config.to_diffusers_config()}
-    (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    write_atomic(out / CONFIG_NAME, (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
     variant = {torch.float32: "", torch.bfloat16: ".bf16", torch.float16: ".fp16"}[torch_dtype]
     write_safetensors(
         _cast(model.state_dict(), torch_dtype),
@@ -67,7 +68,7 @@ def export_original(model: DCAE, path: str | Path, *, dtype: str | torch.dtype |
     if path.suffix != ".safetensors":
         path.mkdir(parents=True, exist_ok=True)
         info = {"model_name": _variant_name(model), META_CONFIG: config.to_dict()}
-        (path / CONFIG_NAME).write_text(json.dumps(info, indent=2) + "\n")
+        write_atomic(path / CONFIG_NAME, (json.dumps(info, indent=2) + "\n").encode())
         path = path / ORIGINAL_NAME
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
