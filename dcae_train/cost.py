@@ -56,6 +56,8 @@ from dcae_train.losses import AutoencoderLoss
 from dcae_train.models import DCAE, build_model, variant_config
 from dcae_train.training.module import generator_loss
 from dcae_train.training.phases import freeze_all_but, select_trainable
+from dcae_train.weights import WeightsError
+from dcae_train.weights.loading import check_local_source
 
 # Dense BF16 tensor-core peaks from the vendors' datasheets (the sparsity figures are twice these).
 CHIPS = {
@@ -596,11 +598,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not 0 < args.mfu <= 1 or args.gpus_per_node < 1:
             raise ValueError(f"--mfu={args.mfu} must be in (0, 1] and --gpus-per-node >= 1, e.g. --mfu 0.35")
         recipes = recipe_names() if args.all else [None]
-        costs = [
-            phase_cost(cfg, args.gpus_per_node)
-            for r in recipes
-            for cfg in phase_configs([*overrides, *([f"recipe={r}"] if r else [])])
-        ]
+        configs = [cfg for r in recipes for cfg in phase_configs([*overrides, *([f"recipe={r}"] if r else [])])]
+        check_sources(configs)
+        costs = [phase_cost(cfg, args.gpus_per_node) for cfg in configs]
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -610,6 +610,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         chip = args.chip if args.peak_tflops is None else f"a {args.peak_tflops:g} TFLOP/s chip"
         print(text_report(costs, chip, peak, args.mfu, args.gpus_per_node), end="")
     return 0
+
+
+def check_sources(configs: Sequence[TrainConfig]) -> None:
+    """The cost reads no weights, but a local init_from= / init_discriminator= that does not exist would stop the
+    training run it prices: said here too."""
+    for cfg in configs:
+        for key in ("init_from", "init_discriminator"):
+            source = getattr(cfg, key)
+            if source and source != "auto":
+                try:
+                    check_local_source(source)
+                except WeightsError as err:
+                    raise ValueError(f"{key}={source}: {err}") from None
 
 
 def _peak(args: argparse.Namespace) -> float:

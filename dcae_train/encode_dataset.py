@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from dcae_train.data.buckets import Bucket, read_buckets
 from dcae_train.data.latents import LATENT_FORMATS, MANIFEST, STATS_FILE
-from dcae_train.data.shards import write_atomic
+from dcae_train.data.shards import check_output_folder, write_atomic
 from dcae_train.data.transforms import TransformSpec
 from dcae_train.encoding import (
     PREFIX,
@@ -214,6 +214,7 @@ class Job:
 def setup(args: argparse.Namespace) -> Job:
     """Flags, the output folder's settings, the data, the model, then the model-dependent settings."""
     check_args(args)
+    check_output_folder(args.out)  # a file, or no permission: said now, not after the model loads
     ranks = ranks_from_env(args.device, args.dtype)
     settings = {k: getattr(args, k, None) for k in ARG_SETTINGS}
     settings |= {"mode": "buckets" if args.buckets else "square", "dtype": DTYPE_NAMES[ranks.dtype]}
@@ -324,8 +325,23 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # ConfigError, WeightsError: bad input, named with its fix
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run(job)
+    manifest = run(job)
+    if manifest is not None and manifest["samples"] == 0:  # a scheduler must not record an empty data set as done
+        print(f"error: {nothing_encoded(manifest, args.out)}", file=sys.stderr)
+        return 2
     return 0
+
+
+FIXES = {"too_small": "--small-images upsample or a lower --resolution",
+         "undecodable": "check the files (the manifest names each one)"}  # fmt: skip
+
+
+def nothing_encoded(manifest: dict, out: Path) -> str:
+    """Every image was skipped: the counts by reason and what to change."""
+    reasons = manifest["skipped_by_reason"]
+    fixes = "; ".join(f"{r}: {FIXES[r]}" for r in reasons if r in FIXES) or "check the data"
+    return (f"no latent written: {manifest['read']} image(s) read, all skipped {reasons} "
+            f"(each named in {out / MANIFEST}). Fix: {fixes}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dcae_train.data.shards import check_output_folder, write_atomic
 from dcae_train.evaluation.data import EvalData, eval_loader, resolve_data
 from dcae_train.evaluation.evaluator import ReconstructionEvaluator, compute_all, evaluate_model
 from dcae_train.evaluation.extractors import build_feature_extractor, extractor_id
@@ -75,8 +76,6 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.resolution <= 0 or args.batch_size <= 0:
         raise ValueError(f"--resolution={args.resolution} and --batch-size={args.batch_size}: give positive sizes, "
                          f"e.g. --resolution 256 --batch-size 16")  # fmt: skip
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out={args.out} is a file: give a folder (it is created if missing), e.g. --out eval")
     if args.num_images is not None and args.num_images < 0:
         raise ValueError(f"--num-images={args.num_images}: give a count, or 0 for all images")
     args.num_images = args.num_images or None  # 0 = all, as omitting it
@@ -163,6 +162,7 @@ def build_metrics(args: argparse.Namespace) -> tuple[nn.Module | None, nn.Module
 def run(args: argparse.Namespace) -> dict[str, Any]:
     ranks = setup_ranks(args.device)
     data = resolve_data(args.data)
+    check_output_folder(args.out)  # before the work: a wrong --out costs seconds, not an evaluation
     lpips, features = build_metrics(args)
     model = load_eval_model(args.model, not args.raw, args.random_init, args.seed).to(ranks.device)
     check_resolution(model, args.resolution)
@@ -249,7 +249,7 @@ def _result(args, ranks, model, per_prefix, timing, features, ref_path, cached) 
 def write_reports(result: dict[str, Any], worst: list[dict], out: Path) -> None:
     result["worst"] = [{"key": w["key"], "psnr": w["psnr"]} for w in worst]
     write_json(result, out / "eval.json")
-    (out / "eval.md").write_text(markdown_table(result) + prefix_table(result))
+    write_atomic(out / "eval.md", (markdown_table(result) + prefix_table(result)).encode())
     save_worst_grid(worst, out / "worst.png")
     if result["prefixes"]:
         save_prefix_plot(result, out / "prefixes.png")

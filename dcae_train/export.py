@@ -17,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from dcae_train.data.shards import check_output_folder
 from dcae_train.weights import WeightsError, export_diffusers, export_original, load_model
 from dcae_train.weights.discriminator import export_discriminator
 
@@ -39,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_out(args)
         model = load_model(args.source, ema=not args.raw, variant=args.variant)
         if args.format == "diffusers":
             out = export_diffusers(model, args.out_dir, dtype=args.dtype, scaling_factor=args.scaling_factor)
@@ -59,6 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     if disc is not None:
         print(f"wrote the discriminator to {disc} (continue phase 3 from it with init_discriminator={disc.parent})")
     return 0
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """Before the weights load (maybe a download): out_dir must be a folder we can write, or, for the original
+    layout, a `.safetensors` file path in one."""
+    out = Path(args.out_dir)
+    if args.format == "original" and out.suffix == ".safetensors":
+        if out.is_dir():
+            raise ValueError(f"out_dir {out}: is a folder; give a file path ending in .safetensors, or a folder name")
+        check_output_folder(out.parent, f"out_dir {out}: the folder")
+    else:
+        check_output_folder(out, "out_dir")
 
 
 def _export_discriminator(args: argparse.Namespace) -> Path:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dcae_train.data.shards import check_output_folder, write_atomic
 from dcae_train.evaluate import (
     DTYPES,
     add_model_args,
@@ -99,7 +100,7 @@ def write_scaling_factor(target: Path, scaling_factor: float) -> Path:
     if data.get("_class_name") not in (None, "AutoencoderDC"):
         raise ValueError(f"{config} is a {data.get('_class_name')} config, not AutoencoderDC")
     data["scaling_factor"] = scaling_factor
-    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_atomic(config, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())  # the model's own config
     return config
 
 
@@ -166,6 +167,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     ranks = setup_ranks(args.device)
     data = resolve_data(args.data)
+    for path, flag in ((args.out, "--out"), (args.scaling_file, "--scaling-file")):
+        if path is not None:  # before the work: a wrong path costs seconds
+            check_output_folder(path.parent, f"{flag} {path}: the folder")
     model = load_eval_model(args.model, not args.raw, args.random_init, args.seed).to(ranks.device)
     check_resolution(model, args.resolution)
     check_prefixes(model, args.latent_channels)
@@ -181,7 +185,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     stats["model_scaling_factor"] = float(model.scaling_factor)
     if ranks.rank == 0:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(stats, indent=2) + "\n")
+        write_atomic(args.out, (json.dumps(stats, indent=2) + "\n").encode())
         print(f"latent mean {stats['mean']:.4f}  std {stats['std']:.4f}  RMS {stats['rms']:.4f}  ->  "
               f"scaling_factor = 1/RMS = {stats['scaling_factor']:.5f} (multiply on encode; model has "
               f"{stats['model_scaling_factor']:.5f}); wrote {args.out}")  # fmt: skip

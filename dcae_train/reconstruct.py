@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from dcae_train.data.shards import check_output_folder
 from dcae_train.data.transforms import oriented_rgb
 from dcae_train.evaluation.metrics import psnr_per_image, to_uint8
 from dcae_train.models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, tiled_decode, tiled_encode
@@ -71,15 +72,12 @@ def check_args(args: argparse.Namespace, f: int) -> list[Path]:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise ValueError(f"image file(s) not found: {missing}")
-    if args.tile % f:
-        raise ValueError(f"--tile {args.tile}: must be a multiple of the compression ratio {f}")
+    if args.tile <= 0 or args.tile % f:
+        raise ValueError(f"--tile {args.tile}: must be a positive multiple of the compression ratio {f}, e.g. 512")
     try:
         check_tile_sizes(f, args.tile, args.overlap)
     except ValueError as err:
         raise ValueError(f"--overlap: {err}") from None
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: is a file; pass a folder (it is created if missing)")
     return paths
 
 
@@ -99,6 +97,8 @@ def output_names(paths: list[Path]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        out = Path(args.out)
+        check_output_folder(out)  # before the model loads: a wrong --out costs no download
         model = load_model(args.model, ema=not args.raw)
         paths = check_args(args, model.spatial_compression_ratio)
     except (WeightsError, ValueError) as err:
@@ -106,12 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = model.to(args.device, dtype)
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        print(f"error: --out {out}: cannot create the folder ({err.strerror})", file=sys.stderr)
-        return 2
+    out.mkdir(parents=True, exist_ok=True)
     print(f"{'image':<40} {'size':>11} {'PSNR (dB)':>10}  output")
     skipped = []
     for path, name in zip(paths, output_names(paths), strict=True):

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from dcae_train import encode_dataset, evaluate, export, latent_stats, reconstruct
+from dcae_train import cost, encode_dataset, evaluate, export, latent_stats, reconstruct
 from dcae_train.models import build_model
 from dcae_train.weights import WeightsError, export_original, load_model
 
@@ -26,6 +31,7 @@ def files(tmp_path_factory):
         rgb = (np.random.default_rng(i).random((40, 40, 3)) * 255).astype(np.uint8)
         Image.fromarray(rgb).save(root / "imgs" / f"{i}.png")
     (root / "afile").write_text("x")
+    (root / "imgs.safetensors").mkdir()  # a folder with a weight file's name
     torch.manual_seed(0)
     export_original(build_model("tiny"), root / "original")
     return root
@@ -50,6 +56,27 @@ CASES = [  # (tool, argv with {root}, text the message must hold)
     (export, ["runs/x/final.ckpt", "{root}/e"], "no such file or folder: runs/x/final.ckpt"),
     (encode_dataset, ["--model", "./missing.safetensors", "--data", "{root}/imgs", "--out", "{root}/enc"],
      "no such file or folder: missing.safetensors"),
+    # an output path that cannot be a folder: said before the model loads or the work starts
+    (evaluate, [*TINY, "--data", "{root}/imgs", "--resolution", "32", "--out", "{root}/afile/e", *OFF],
+     "--out {root}/afile/e: cannot write there (Not a directory"),
+    (latent_stats, [*TINY, "--data", "{root}/imgs", "--resolution", "32", "--out", "{root}/afile/x/s.json"],
+     "the folder {root}/afile/x: cannot write there"),
+    (latent_stats, [*TINY, "--data", "{root}/imgs", "--resolution", "32", "--scaling-file", "{root}/afile/s.npy"],
+     "--scaling-file {root}/afile/s.npy: the folder {root}/afile: is a file"),
+    (reconstruct, ["{root}/imgs/0.png", "--model", "tiny", "--out", "{root}/afile/r"], "cannot write there"),
+    (reconstruct, ["{root}/imgs/0.png", "--model", "tiny", "--out", "{root}/r", "--tile", "0"],
+     "--tile 0: must be a positive multiple"),
+    (export, ["tiny", "{root}/afile"], "out_dir {root}/afile: is a file"),
+    (export, ["tiny", "{root}/afile/e"], "out_dir {root}/afile/e: cannot write there (Not a directory"),
+    (export, ["tiny", "--format", "original", "{root}/afile/m.safetensors"], "the folder {root}/afile: is a file"),
+    (export, ["tiny", "--format", "original", "{root}/imgs.safetensors"], "is a folder"),
+    (encode_dataset, [*TINY, "--data", "{root}/imgs", "--out", "{root}/afile"], "--out {root}/afile: is a file"),
+    (encode_dataset, [*TINY, "--data", "{root}/imgs", "--out", "{root}/afile/enc"], "cannot write there"),
+    # every image skipped: an empty data set is not a success
+    (encode_dataset, [*TINY, "--data", "{root}/imgs", "--out", "{root}/enc40", "--resolution", "64", "--no-progress",
+                      "--num-workers", "0"], "no latent written: 2 image(s) read, all skipped {{'too_small': 2}}"),
+    (cost, ["init_from=./missing"], "init_from=./missing: no such file or folder"),
+    (cost, ["phase=3", "init_discriminator=runs/x/final.ckpt"], "init_discriminator=runs/x/final.ckpt: no such"),
 ]  # fmt: skip
 
 
@@ -59,7 +86,7 @@ def test_user_errors_exit_2_with_one_clear_line(tool, argv, message, files, caps
     monkeypatch.chdir(files)  # relative model paths are relative to here
     assert tool.main([a.format(root=files) for a in argv]) == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback (most recent call last)" not in err
+    assert message.format(root=files) in err and "Traceback (most recent call last)" not in err
 
 
 def test_a_missing_path_is_never_sent_to_the_hub(tmp_path, monkeypatch):
@@ -79,3 +106,52 @@ def test_write_config_refuses_an_original_export_before_any_work(files):
     with pytest.raises(ValueError, match="--scaling-file"):
         latent_stats.parse_args([*TINY, "--data", str(files / "imgs"), "--write-config", str(files / "original")])
     assert json.loads((files / "original" / "config.json").read_text()) == config  # untouched
+
+
+@contextmanager
+def unprivileged():
+    """Permission modes bind this process: as root (which ignores them, as on many CI machines and containers) the
+    effective uid and gid become nobody's for the block."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@pytest.fixture
+def read_only(tmp_path_factory):
+    """<dir>/ro: a folder nobody may write in, beside a readable image folder, in a tree others can enter."""
+    root = Path(tempfile.mkdtemp(prefix="dcae-perm-"))
+    (root / "imgs").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "imgs" / "0.png")
+    (root / "ro").mkdir()
+    for path in (root, root / "imgs", root / "imgs" / "0.png"):
+        path.chmod(0o755)
+    (root / "ro").chmod(0o555)
+    yield root
+    (root / "ro").chmod(0o755)
+    shutil.rmtree(root)
+
+
+PERMISSION_CASES = [
+    (reconstruct, ["{root}/imgs/0.png", "--model", "tiny", "--out", "{root}/ro/r"]),
+    (evaluate, [*TINY, "--data", "{root}/imgs", "--resolution", "32", "--out", "{root}/ro/e", *OFF]),
+    (latent_stats, [*TINY, "--data", "{root}/imgs", "--resolution", "32", "--out", "{root}/ro/x/s.json"]),
+    (export, ["tiny", "{root}/ro/e"]),
+    (encode_dataset, [*TINY, "--data", "{root}/imgs", "--out", "{root}/ro/enc", "--num-workers", "0"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("tool", "argv"), PERMISSION_CASES, ids=[t.__name__ for t, _ in PERMISSION_CASES])
+def test_an_output_folder_without_write_permission_is_refused_before_the_work(tool, argv, read_only, capsys):
+    with unprivileged():
+        code = tool.main([a.format(root=read_only) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write there (Permission denied" in err and "Traceback" not in err, err
+    assert os.listdir(read_only / "ro") == []

@@ -5,16 +5,18 @@ Samples are `<key>.<jpg|png|webp>` + `<key>.json` (source path and size). Keys a
 the image must be downscaled or is in another format (then re-encoded: JPEG q95, or PNG when it has alpha).
 
 Also the atomic writers every tool here uses: `ShardWriter` (a tar written to `<name>.tmp`, fsynced, renamed) and
-`write_atomic` (one file, the same way).
+`write_atomic` (one file, the same way), and `check_output_folder`, the check of an `--out` folder before any work.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import random
 import tarfile
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +86,26 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Check, before a tool does its work, that the folder `path` can be created (or exists) and written in: a
+    wrong `--out` (a file, a folder under a file, no permission, a read-only mount) costs seconds, not a finished
+    evaluation. Creates nothing: the nearest existing folder on the way gets an unnamed test file. Raises
+    ValueError naming the flag, the path and the reason."""
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{flag} {path}: is a file; give a folder (it is created if missing)")
+        existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor))
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        with tempfile.TemporaryFile(dir=existing):  # permissions, read-only file systems, a full quota of inodes
+            pass
+    except OSError as err:
+        where = f" at {err.filename}" if err.filename and str(err.filename) != str(path) else ""
+        reason = f"{err.strerror}{where}"
+        raise ValueError(f"{flag} {path}: cannot write there ({reason}); give a folder you can write to") from None
 
 
 def write_atomic(path: str | os.PathLike, payload: bytes, *, replace: bool = True) -> bool:

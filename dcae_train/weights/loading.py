@@ -60,9 +60,8 @@ def load_model(source: str | Path, *, ema: bool = True, variant: str | None = No
         if path.suffix == ".bin":
             raise WeightsError(f"{path}: pickle weight files are refused; use the safetensors version")
         return _load_training_checkpoint(path, ema)
+    check_local_source(source)
     name = str(source)
-    if looks_like_path(name):  # never sent to the Hub: a typo in a local path must say so
-        raise WeightsError(f"no such file or folder: {path} (check the path; relative paths start from {Path.cwd()})")
     if name in VARIANTS or f"dc-ae-{name}" in VARIANTS:
         return build_model(name).eval()  # random init
     if _looks_like_repo_id(name):
@@ -266,6 +265,14 @@ def _match_variant(config: DCAEConfig) -> str | None:
 
 
 WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
+
+
+def check_local_source(source: str | Path) -> None:
+    """A source meant as a local path (`looks_like_path`) must exist: a typo in a local path says so, and is never
+    sent to the Hub. Tools that take a source without loading it (the cost estimate) check it with this."""
+    path = Path(source).expanduser()
+    if not path.exists() and looks_like_path(str(source)):
+        raise WeightsError(f"no such file or folder: {path} (check the path; relative paths start from {Path.cwd()})")
 
 
 def looks_like_path(name: str) -> bool:
