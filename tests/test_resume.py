@@ -90,6 +90,23 @@ def test_resume_auto_continues_the_newest_run_never_an_older_finished_one(tmp_pa
     assert ckpt_lib.stored_step(newest / "checkpoints" / "final.ckpt") == 2, "the newest run trained from step 0"
 
 
+def test_a_run_killed_after_its_last_checkpoint_is_finished_by_resume(tmp_path, capsys):
+    """Killed after the last step's checkpoint, before final.ckpt: Lightning skips the whole fit loop (and its
+    on_train_end) on resume; the run must still end with final.ckpt and FINISHED.json, or phase 2 has no parent."""
+    runs = tmp_path / "runs"
+    steps = ["phases.p1.max_steps=2", "phases.p1.ckpt_every=1"]
+    assert cli.main([f"runs_dir={runs}", *QUICK, *steps]) == 0, capsys.readouterr().err
+    run = next((runs / "quickstart" / "phase1").iterdir())
+    reference = torch.load(run / "checkpoints" / "final.ckpt", weights_only=True, map_location="cpu")["state_dict"]
+    (run / "checkpoints" / "final.ckpt").unlink()  # as if killed between step 2's checkpoint and the final one
+    (run / ckpt_lib.FINISHED).unlink()
+    assert cli.main([f"runs_dir={runs}", *QUICK, *steps, "resume=auto"]) == 0, capsys.readouterr().err
+    assert ckpt_lib.stored_step(run / "checkpoints" / "final.ckpt") == 2
+    weights = torch.load(run / "checkpoints" / "final.ckpt", weights_only=True, map_location="cpu")["state_dict"]
+    assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in reference)
+    assert ckpt_lib.find_parent_checkpoint(runs, "quickstart", 2) == run / "checkpoints" / "final.ckpt"
+
+
 def test_moved_runs_folder_chains_phases_to_its_own_files(tmp_path):
     original = tmp_path / "runs"
     final = fake_checkpoint(original / RUN / "checkpoints" / "final.ckpt", 2)

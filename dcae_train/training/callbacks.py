@@ -206,11 +206,23 @@ class FinishedMarker(L.Callback):
         self.run_dir = Path(run_dir)
         self.info = info
         self.preemption = preemption
+        self.finished = False
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.interrupted or self.preemption.preempted:
             return  # not finished: a preempted run continues with resume=auto
+        self._finish(trainer)
+
+    def after_fit(self, trainer) -> None:
+        """Called after `trainer.fit` returns. Lightning skips the fit loop, and `on_train_end` with it, when the
+        resumed checkpoint is already at max_steps (a run killed after its last step's checkpoint, before
+        final.ckpt): the run is finished here instead, so the next phase finds it."""
+        if not self.finished and not trainer.interrupted and not self.preemption.preempted and trainer.fit_loop.done:
+            self._finish(trainer)
+
+    def _finish(self, trainer) -> None:
         final = self.run_dir / "checkpoints" / "final.ckpt"
         trainer.save_checkpoint(final, weights_only=False)  # collective under DDP: every rank calls it
         if trainer.is_global_zero:
             write_finished(self.run_dir, final, {**self.info, "step": trainer.global_step})
+        self.finished = True
