@@ -18,7 +18,6 @@ from omegaconf import OmegaConf
 
 from dcae_train.config import compose, help_text, recipe_names
 from dcae_train.data.webdataset import NoUsableDataError, message_of
-from dcae_train.training.callbacks import FinishedMarker
 from dcae_train.training.checkpoint import latest_good_checkpoint, stored_step
 from dcae_train.training.faults import EXIT_PREEMPTED, Preempted, PreemptionSignals, preemption_signals
 from dcae_train.training.module import NonFiniteLossError
@@ -157,9 +156,6 @@ def fit(run: Run) -> int:
             print("preempted after the start-up validation: continue with resume=auto", file=sys.stderr)
             return EXIT_PREEMPTED
     run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path)
-    for callback in run.trainer.callbacks:
-        if isinstance(callback, FinishedMarker):
-            callback.after_fit(run.trainer)
     if run.trainer.is_global_zero:
         print(f"run folder: {run.run_dir}")
     if run.preemption.requested:

@@ -100,7 +100,8 @@ def write_scaling_factor(target: Path, scaling_factor: float) -> Path:
     if data.get("_class_name") not in (None, "AutoencoderDC"):
         raise ValueError(f"{config} is a {data.get('_class_name')} config, not AutoencoderDC")
     data["scaling_factor"] = scaling_factor
-    write_atomic(config, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())  # the model's own config
+    # atomic, through a symlink (a Hub cache snapshot links its files): the link stays, its target is replaced
+    write_atomic(config.resolve(), (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
     return config
 
 
@@ -119,6 +120,7 @@ def check_write_config(target: Path) -> None:
         )
     if not (target / "config.json").is_file() and not target.is_file():
         raise ValueError(f"--write-config={target}: no config.json there; export the model first")
+    check_output_folder(config.resolve().parent, f"--write-config={target}: the folder")  # rewritten atomically
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

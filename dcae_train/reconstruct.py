@@ -106,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = model.to(args.device, dtype)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # checked above; a race with another process can still lose
+        print(f"error: --out {out}: cannot create the folder ({err.strerror})", file=sys.stderr)
+        return 2
     print(f"{'image':<40} {'size':>11} {'PSNR (dB)':>10}  output")
     skipped = []
     for path, name in zip(paths, output_names(paths), strict=True):

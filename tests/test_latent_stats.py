@@ -92,3 +92,19 @@ def test_cli_writes_json_and_config(tmp_path):
     assert load_model(export).scaling_factor == pytest.approx(stats["scaling_factor"])
     with pytest.raises(ValueError, match="no config.json"):
         run(["--model", "tiny", "--random-init", "--data", str(images), "--write-config", str(tmp_path / "none")])
+
+
+def test_write_config_through_a_symlink_keeps_the_link(tmp_path):
+    """A Hub cache snapshot links its files: the scaling factor goes into the link's target, the link stays."""
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(images / "0.png")
+    export = export_diffusers(build_model("tiny"), tmp_path / "export")
+    blob = tmp_path / "blobs" / "abc123"
+    blob.parent.mkdir()
+    (export / "config.json").rename(blob)
+    (export / "config.json").symlink_to(blob)
+    stats = run(["--model", "tiny", "--random-init", "--data", str(images), "--resolution", "32", "--num-workers",
+                 "0", "--no-progress", "--out", str(tmp_path / "s.json"), "--write-config", str(export)])  # fmt: skip
+    assert (export / "config.json").is_symlink()
+    assert json.loads(blob.read_text())["scaling_factor"] == stats["scaling_factor"]

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from dcae_train import cli
+from dcae_train.data.webdataset import SignalProofDataLoader
 from dcae_train.training.faults import EXIT_PREEMPTED
 
 # Two workers, so the group signal has workers to hit; long enough that it is still running when signalled.
@@ -170,13 +171,15 @@ def test_workers_die_with_a_killed_main_process(tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not pid_file.is_file() or not pid_file.read_text():
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
-    worker = int(pid_file.read_text())
-    proc.kill()
-    proc.wait()
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.is_file() or not pid_file.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, "the worker never started"
+            time.sleep(0.05)
+        worker = int(pid_file.read_text())
+    finally:
+        proc.kill()
+        proc.wait()
     deadline = time.monotonic() + 10
     while _running(worker) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -184,3 +187,10 @@ def test_workers_die_with_a_killed_main_process(tmp_path):
     if alive:
         os.kill(worker, signal.SIGKILL)
     assert not alive, "the worker outlived the killed main process"
+
+
+def test_signal_proof_workers_run_under_the_forkserver_start_method():
+    """There a worker's parent is the fork server, not the process that built the loader: it must still work."""
+    data = torch.utils.data.TensorDataset(torch.arange(6.0))
+    loader = SignalProofDataLoader(data, batch_size=2, num_workers=2, multiprocessing_context="forkserver")
+    assert torch.cat([b[0] for b in loader]).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]

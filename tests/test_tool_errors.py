@@ -32,6 +32,7 @@ def files(tmp_path_factory):
         Image.fromarray(rgb).save(root / "imgs" / f"{i}.png")
     (root / "afile").write_text("x")
     (root / "imgs.safetensors").mkdir()  # a folder with a weight file's name
+    (root / "dangling").symlink_to(root / "gone")  # a link to nothing: mkdir would fail on it after the work
     torch.manual_seed(0)
     export_original(build_model("tiny"), root / "original")
     return root
@@ -72,6 +73,10 @@ CASES = [  # (tool, argv with {root}, text the message must hold)
     (export, ["tiny", "--format", "original", "{root}/imgs.safetensors"], "is a folder"),
     (encode_dataset, [*TINY, "--data", "{root}/imgs", "--out", "{root}/afile"], "--out {root}/afile: is a file"),
     (encode_dataset, [*TINY, "--data", "{root}/imgs", "--out", "{root}/afile/enc"], "cannot write there"),
+    (evaluate, [*TINY, "--data", "{root}/imgs", "--resolution", "32", "--out", "{root}/dangling", *OFF],
+     "--out {root}/dangling: cannot write there (Not a directory)"),
+    (reconstruct, ["{root}/imgs/0.png", "--model", "tiny", "--out", "{root}/dangling/r"],
+     "cannot write there (Not a directory at {root}/dangling)"),
     # every image skipped: an empty data set is not a success
     (encode_dataset, [*TINY, "--data", "{root}/imgs", "--out", "{root}/enc40", "--resolution", "64", "--no-progress",
                       "--num-workers", "0"], "no latent written: 2 image(s) read, all skipped {{'too_small': 2}}"),
@@ -153,5 +158,6 @@ def test_an_output_folder_without_write_permission_is_refused_before_the_work(to
     with unprivileged():
         code = tool.main([a.format(root=read_only) for a in argv])
     err = capsys.readouterr().err
-    assert code == 2 and "cannot write there (Permission denied" in err and "Traceback" not in err, err
+    folder = read_only / "ro"  # named as the reason, not the probe's temporary file
+    assert code == 2 and f"cannot write there (Permission denied at {folder})" in err and "Traceback" not in err, err
     assert os.listdir(read_only / "ro") == []

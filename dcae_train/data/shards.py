@@ -97,11 +97,15 @@ def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> None:
     try:
         if path.exists() and not path.is_dir():
             raise ValueError(f"{flag} {path}: is a file; give a folder (it is created if missing)")
-        existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor))
+        # a dangling symlink counts as there (and not a folder): mkdir would fail on it after the work
+        existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink() or p == Path(p.anchor))
         if not existing.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
-        with tempfile.TemporaryFile(dir=existing):  # permissions, read-only file systems, a full quota of inodes
-            pass
+        try:
+            with tempfile.TemporaryFile(dir=existing):  # permissions, read-only file systems, no inodes left
+                pass
+        except OSError as err:  # it names a random temporary name: name the folder instead
+            raise OSError(err.errno, err.strerror, str(existing)) from None
     except OSError as err:
         where = f" at {err.filename}" if err.filename and str(err.filename) != str(path) else ""
         reason = f"{err.strerror}{where}"

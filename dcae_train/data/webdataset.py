@@ -367,14 +367,20 @@ def ignore_preemption_signals(worker_id: int = 0, parent_pid: int | None = None)
 
 def die_with_parent(parent_pid: int | None = None) -> None:
     """Linux: SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG; no library in our stack wraps
-    it, hence ctypes). `parent_pid`, recorded before the fork, catches a parent that died before the call."""
+    it, hence ctypes). `parent_pid`, the process that built the loader, catches one that died before the call.
+    (Under the forkserver start method the parent is the fork server, which ends when that process does.)"""
     if not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): workers may outlive a killed run", ctypes.get_errno())
-    if parent_pid is not None and os.getppid() != parent_pid:
-        os._exit(1)  # the parent is already gone
+    if parent_pid is not None and os.getppid() != parent_pid:  # not our parent (forkserver), or already gone
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:
+            pass  # alive, under another uid
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>

@@ -213,10 +213,11 @@ class FinishedMarker(L.Callback):
             return  # not finished: a preempted run continues with resume=auto
         self._finish(trainer)
 
-    def after_fit(self, trainer) -> None:
-        """Called after `trainer.fit` returns. Lightning skips the fit loop, and `on_train_end` with it, when the
-        resumed checkpoint is already at max_steps (a run killed after its last step's checkpoint, before
-        final.ckpt): the run is finished here instead, so the next phase finds it."""
+    def on_fit_end(self, trainer, pl_module) -> None:
+        """Lightning skips the fit loop, and `on_train_end` with it, when the resumed checkpoint is already at
+        max_steps (a run killed after its last step's checkpoint, before final.ckpt); `on_fit_end` still runs
+        (after the strategy's teardown, on every rank): the run is finished here instead, so the next phase
+        finds it."""
         if not self.finished and not trainer.interrupted and not self.preemption.preempted and trainer.fit_loop.done:
             self._finish(trainer)
 
