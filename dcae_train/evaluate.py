@@ -72,13 +72,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _check_args(args: argparse.Namespace) -> None:
+def check_sizes_and_count(args: argparse.Namespace) -> None:
+    """--resolution, --batch-size and --num-images, shared by evaluate and latent_stats; --num-images 0 -> None."""
     if args.resolution <= 0 or args.batch_size <= 0:
         raise ValueError(f"--resolution={args.resolution} and --batch-size={args.batch_size}: give positive sizes, "
                          f"e.g. --resolution 256 --batch-size 16")  # fmt: skip
     if args.num_images is not None and args.num_images < 0:
-        raise ValueError(f"--num-images={args.num_images}: give a count, or 0 for all images")
+        raise ValueError(f"--num-images={args.num_images}: give a count >= 1, or 0 for all images")
     args.num_images = args.num_images or None  # 0 = all, as omitting it
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    check_sizes_and_count(args)
     if args.num_images is not None and args.num_images < 2 and args.fid != "off":
         raise ValueError(f"--num-images={args.num_images}: FID needs at least 2 images (or pass --fid off)")
 

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dcae_train.data.shards import check_output_folder
+from dcae_train.data.shards import check_output_file, check_output_folder
 from dcae_train.weights import WeightsError, export_diffusers, export_original, load_model
 from dcae_train.weights.discriminator import export_discriminator
 
@@ -70,7 +70,7 @@ def check_out(args: argparse.Namespace) -> None:
     if args.format == "original" and out.suffix == ".safetensors":
         if out.is_dir():
             raise ValueError(f"out_dir {out}: is a folder; give a file path ending in .safetensors, or a folder name")
-        check_output_folder(out.parent, f"out_dir {out}: the folder")
+        check_output_file(out, "out_dir")
     else:
         check_output_folder(out, "out_dir")
 

@@ -25,13 +25,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dcae_train.data.shards import check_output_folder, write_atomic
+from dcae_train.data.shards import check_output_file, write_atomic
 from dcae_train.evaluate import (
     DTYPES,
     add_model_args,
     channel_list,
     check_prefixes,
     check_resolution,
+    check_sizes_and_count,
     load_eval_model,
     setup_ranks,
 )
@@ -120,7 +121,7 @@ def check_write_config(target: Path) -> None:
         )
     if not (target / "config.json").is_file() and not target.is_file():
         raise ValueError(f"--write-config={target}: no config.json there; export the model first")
-    check_output_folder(config.resolve().parent, f"--write-config={target}: the folder")  # rewritten atomically
+    check_output_file(config.resolve(), "--write-config")  # rewritten atomically, beside it
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -139,12 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scaling-file", type=Path, default=None, help="write 1/RMS per latent channel as a .npy array")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.resolution <= 0 or args.batch_size <= 0:
-        raise ValueError(f"--resolution={args.resolution} and --batch-size={args.batch_size}: give positive sizes, "
-                         f"e.g. --resolution 256 --batch-size 16")  # fmt: skip
-    if args.num_images is not None and args.num_images < 0:
-        raise ValueError(f"--num-images={args.num_images}: give a count >= 1, or 0 for all images")
-    args.num_images = args.num_images or None  # 0 = all, as omitting it
+    check_sizes_and_count(args)
     if args.write_config is not None:  # checked before any encoding
         check_write_config(args.write_config)
     if args.out.is_dir() or args.out.parent.is_file():
@@ -171,7 +167,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     data = resolve_data(args.data)
     for path, flag in ((args.out, "--out"), (args.scaling_file, "--scaling-file")):
         if path is not None:  # before the work: a wrong path costs seconds
-            check_output_folder(path.parent, f"{flag} {path}: the folder")
+            check_output_file(path, flag)
     model = load_eval_model(args.model, not args.raw, args.random_init, args.seed).to(ranks.device)
     check_resolution(model, args.resolution)
     check_prefixes(model, args.latent_channels)

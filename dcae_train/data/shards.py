@@ -112,6 +112,12 @@ def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> None:
         raise ValueError(f"{flag} {path}: cannot write there ({reason}); give a folder you can write to") from None
 
 
+def check_output_file(path: str | os.PathLike, flag: str = "--out") -> None:
+    """`check_output_folder` for the folder of a file the tool will write at `path`."""
+    path = Path(path)
+    check_output_folder(path.parent, f"{flag} {path}: the folder")
+
+
 def write_atomic(path: str | os.PathLike, payload: bytes, *, replace: bool = True) -> bool:
     """Write `payload` to `path` via a temporary name in the same folder, fsync, rename: whoever reads `path`,
     even after a crash, sees the old file or the new one, never a part. Concurrent writers do not collide.
